@@ -1,0 +1,148 @@
+"""`datasets` builder for RefCOCO, RefCOCO+ and RefCOCOg with NeMo hard-negative pools.
+
+Configs: one per refer annotation set (``refcoco_unc``, ``refcocoplus_unc``, ``refcocog_umd``,
+``refcocog_google``, ``refcoco_google``), one row per referred object, plus ``images`` (one row per
+image, encoded bytes, shared by every refs config). The source is a folder in the original refer
+toolkit's layout, given as the ``source`` config field (``data_dir`` works too): a config field, so a
+cache hit never lists the source's files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from nemo_hf import __version__
+from nemo_hf.refer import ReferFormatError
+from nemo_hf.schema import DEFAULT_CONFIG, IMAGES_CONFIG, IMAGES_FEATURES, REFS_CONFIGS, REFS_FEATURES, TRAIN_SPLIT
+from nemo_hf.source import open_source
+
+_DESCRIPTION = "RefCOCO / RefCOCO+ / RefCOCOg referring segmentation with NeMo hard-negative pools (nemo_hf)."
+
+
+@dataclass
+class NemoRefcocoConfig(datasets.BuilderConfig):
+    """Where the refer files are, and how negatives are mined.
+
+    Args:
+        source: root of the refer layout (``<source>/<dataset>/refs(<split_by>).p`` ...).
+        image_dir: COCO train2014 folder, default ``<source>/images/mscoco/images/train2014``.
+        refs_configs: for ``images``: comma-separated refs configs whose images it holds (default: all present).
+        mine: compute the negative columns for the train split (False leaves them empty).
+        model, model_revision, tau, top_k, mode, index: the mining settings (see ``nemo_hf.mine.MiningParams``).
+        embed_cache_dir: where embeddings are cached between runs (default under the HF datasets cache).
+        allow_random_model: use a randomly initialised CLIP when ``model`` is ``"demo-random"`` (demo only).
+    """
+
+    source: str | None = None
+    image_dir: str | None = None
+    refs_configs: str | None = None
+    mine: bool = True
+    model: str = "openai/clip-vit-base-patch32"
+    model_revision: str | None = None
+    tau: str = "p99"
+    top_k: int = 20
+    mode: str = "i2i"
+    index: str = "flat"
+    embed_cache_dir: str | None = None
+
+    @property
+    def source_root(self) -> str:
+        root = self.source or self.data_dir
+        if not root:
+            example = f'load_dataset("nemo_refcoco", "{self.name}", source="/path/to/refer")'
+            raise ReferFormatError(
+                f"no source given for nemo_refcoco/{self.name}: pass the folder that holds refcoco/, refcoco+/, "
+                f"refcocog/ and images/ (the refer toolkit's layout), e.g. {example}"
+            )
+        return root
+
+    def create_config_id(self, config_kwargs: dict, custom_features=None) -> str:
+        # The annotation files' size and mtime join the cache key (two stat calls, no listing),
+        # so a changed source is rebuilt while a cache hit stays instant.
+        config_kwargs = dict(config_kwargs)
+        root = self.source or self.data_dir
+        if root and self.name in REFS_CONFIGS:
+            stamp = []
+            for name in (f"refs({REFS_CONFIGS[self.name].split_by}).p", "instances.json"):
+                path = Path(root, REFS_CONFIGS[self.name].dataset, name)
+                if path.is_file():
+                    st = path.stat()
+                    stamp.append(f"{st.st_size}:{st.st_mtime_ns}")
+            config_kwargs["source_stamp"] = ",".join(stamp)
+        config_kwargs["nemo_hf_version"] = __version__
+        return super().create_config_id(config_kwargs, custom_features=custom_features)
+
+
+class NemoRefcoco(datasets.GeneratorBasedBuilder):
+    BUILDER_CONFIG_CLASS = NemoRefcocoConfig
+    BUILDER_CONFIGS = [NemoRefcocoConfig(name=name) for name in (*REFS_CONFIGS, IMAGES_CONFIG)]
+    DEFAULT_CONFIG_NAME = DEFAULT_CONFIG
+    DEFAULT_WRITER_BATCH_SIZE = 256  # image rows carry ~100 KB of JPEG each
+
+    def _info(self):
+        features = IMAGES_FEATURES if self.config.name == IMAGES_CONFIG else REFS_FEATURES
+        return datasets.DatasetInfo(description=_DESCRIPTION, features=features)
+
+    def _split_generators(self, dl_manager):
+        source = open_source(self.config.source_root, self.config.image_dir)
+        if self.config.name == IMAGES_CONFIG:
+            return [datasets.SplitGenerator(name=TRAIN_SPLIT, gen_kwargs={"source": source})]
+        rows, skipped = source.rows(self.config.name)
+        self.skipped = skipped
+        self.provenance = None
+        if self.config.mine and rows.get(TRAIN_SPLIT):
+            self.provenance = self._mine(source, rows[TRAIN_SPLIT])
+        return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in rows]
+
+    def _mine(self, source, train_rows: list[dict]) -> dict:
+        from nemo_hf.mine import MiningParams, mine_into_rows
+
+        params = MiningParams(tau=self.config.tau, top_k=self.config.top_k, mode=self.config.mode, index=self.config.index)
+        cache_dir = self.config.embed_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings")
+        return mine_into_rows(
+            train_rows,
+            image_files={i: source.image_path(im["file_name"]) for i, im in source.instances(self.config.name).images.items()},
+            pool_image_ids=source.training_pool(self.config.name),
+            model=self.config.model,
+            revision=self.config.model_revision,
+            params=params,
+            cache_dir=cache_dir,
+        )
+
+    def _generate_examples(self, rows=None, source=None):
+        if source is None:
+            for row in rows:
+                yield row["ref_id"], row
+            return
+        yield from self._image_examples(source)
+
+    def _image_examples(self, source):
+        configs = (
+            [c.strip() for c in self.config.refs_configs.split(",") if c.strip()]
+            if self.config.refs_configs
+            else source.present_configs
+        )
+        if not configs:
+            raise ReferFormatError(f"{source.root}: no refs files found, so there are no images to build")
+        images: dict[int, dict] = {}
+        for config in configs:
+            instances = source.instances(config).images
+            for split_rows in source.rows(config)[0].values():
+                images.update((row["image_id"], instances[row["image_id"]]) for row in split_rows)
+        pools = {config: set(source.training_pool(config)) for config in configs}
+        for image_id in sorted(images):
+            image = images[image_id]
+            yield image_id, {
+                "image_id": image_id,
+                "file_name": image["file_name"],
+                "width": int(image["width"]),
+                "height": int(image["height"]),
+                "license": int(image.get("license", 0)),
+                "image": {"bytes": source.image_path(image["file_name"]).read_bytes(), "path": image["file_name"]},
+                "negative_pool_of": [c for c in configs if image_id in pools[c]],
+            }
+

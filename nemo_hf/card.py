@@ -1,0 +1,108 @@
+"""The dataset card: YAML metadata that lets plain `datasets` and the Hub viewer load the folder, and
+the text a user reads (counts, schema, mining provenance, sources, licences, citations)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from datasets import DatasetInfo
+from datasets.info import DatasetInfosDict
+from datasets.splits import SplitDict, SplitInfo
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCardData
+
+from .schema import IMAGES_CONFIG, IMAGES_FEATURES, REFS_FEATURES
+
+PREVIEW_FILE = "preview.png"
+
+
+def card_yaml(report) -> str:
+    configs, infos = {}, {}
+    for name, entry in report.configs.items():
+        splits = entry["splits"]
+        configs[name] = {
+            "data_files": [{"split": split, "path": f"data/{name}/{split}-*.parquet"} for split in splits],
+            **({"default": True} if name == report.default_config else {}),
+        }
+        infos[name] = DatasetInfo(
+            features=IMAGES_FEATURES if name == IMAGES_CONFIG else REFS_FEATURES,
+            config_name=name,
+            splits=SplitDict({s: SplitInfo(name=s, num_examples=v["rows"], num_bytes=v["num_bytes"]) for s, v in splits.items()}),
+        )
+    data = DatasetCardData(
+        license="cc-by-4.0",
+        task_categories=["image-segmentation"],
+        language=["en"],
+        pretty_name="NeMo RefCOCO / RefCOCO+ / RefCOCOg",
+        tags=["referring-image-segmentation", "refcoco", "nemo", "hard-negatives"],
+    )
+    MetadataConfigs(configs).to_dataset_card_data(data)
+    DatasetInfosDict(infos).to_dataset_card_data(data)
+    return data.to_yaml()
+
+
+def _counts_table(report) -> str:
+    lines = ["| config | split | refs | expressions | images |", "|---|---|---|---|---|"]
+    for name, entry in report.configs.items():
+        if name == IMAGES_CONFIG:
+            continue
+        for split, v in entry["splits"].items():
+            lines.append(f"| {name} | {split} | {v['rows']:,} | {v['sentences']:,} | {v['images']:,} |")
+    images = report.configs[IMAGES_CONFIG]["splits"]["train"]["rows"]
+    lines.append(f"\n`images`: {images:,} images (the union of the configs above).")
+    return "\n".join(lines)
+
+
+def _skipped_text(report) -> str:
+    lines = []
+    for name, entry in report.configs.items():
+        for split, refs in (entry.get("skipped") or {}).items():
+            lines.append(f"- {name}/{split}: {len(refs)} refs skipped, e.g. {refs[0]}")
+    if not lines:
+        return "Every ref of the source was converted; no image was missing or unreadable."
+    return "**Skipped** (their image file was missing, unreadable or of the wrong size; see nemo_hf.json):\n" + "\n".join(lines)
+
+
+def _mining_text(report) -> str:
+    lines = []
+    for name, entry in report.configs.items():
+        prov = entry.get("mining")
+        if name == IMAGES_CONFIG:
+            continue
+        if not prov:
+            lines.append(f"- `{name}`: not mined (negative columns are empty lists).")
+            continue
+        lines.append(f"- `{name}`: " + ", ".join(f"{k} = `{v}`" for k, v in sorted(prov.items())))
+    return (
+        "For each training expression, candidate images of the training pool (own image excluded) are ranked by\n"
+        "text-to-image similarity; candidates too similar to the target (above tau) are dropped as likely false\n"
+        "negatives; the first K survivors form the pool (`nemo_hf.mine`). The same provenance is stored in each\n"
+        "refs shard's Arrow schema metadata (key `nemo_hf`).\n\n" + "\n".join(lines)
+    )
+
+
+def render_card(report, repo: str = "path/to/this/folder", preview: bool = False) -> str:
+    template = Template(resources.files("nemo_hf_cards").joinpath("dataset_card.md").read_text())
+    refs_configs = [c for c in report.configs if c != IMAGES_CONFIG]
+    return template.substitute(
+        yaml=card_yaml(report).strip(),
+        title="NeMo RefCOCO / RefCOCO+ / RefCOCOg (nemo_hf)",
+        version=report.nemo_hf_version,
+        config_list=", ".join(f"`{c}`" for c in [*refs_configs, IMAGES_CONFIG]),
+        default_config=report.default_config,
+        repo=repo,
+        preview=f"![NeMo mosaics with the target mask overlaid]({PREVIEW_FILE})" if preview else "",
+        counts=_counts_table(report),
+        skipped=_skipped_text(report),
+        mining=_mining_text(report),
+        excluded=f"{report.eval_images_excluded_from_pools:,}",
+    )
+
+
+def write_card(folder: str | Path, report, repo: str = "path/to/this/folder") -> Path:
+    folder = Path(folder)
+    path = folder / "README.md"
+    path.write_text(render_card(report, repo=repo, preview=(folder / PREVIEW_FILE).is_file()))
+    return path

@@ -1,0 +1,95 @@
+"""``nemo-hf``: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from .refer import ReferFormatError
+from .schema import config_name
+
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+DEMO_MODEL = "demo-random"
+
+
+def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
+    """``--dataset refcoco --split-by unc`` pairs (or config names, or ``all``) -> config names."""
+    if "all" in datasets:
+        return ["all"]
+    if split_bys and len(split_bys) not in (1, len(datasets)):
+        raise ValueError("give one --split-by for all datasets, or one per --dataset")
+    names = []
+    for i, dataset in enumerate(datasets):
+        if "_" in dataset:  # already a config name, e.g. refcocog_google
+            names.append(dataset)
+            continue
+        split_by = split_bys[i if len(split_bys) > 1 else 0] if split_bys else DEFAULT_SPLIT_BY.get(dataset, "")
+        names.append(config_name(dataset, split_by))
+    return names
+
+
+def cmd_build(args) -> int:
+    from .folder import MiningOptions, build_folder
+
+    mining = None if args.no_mining else MiningOptions(
+        model=args.model or (DEMO_MODEL if args.source is None else MiningOptions.model),
+        model_revision=args.model_revision,
+        tau=args.tau,
+        top_k=args.top_k,
+        mode=args.mode,
+        index=args.index,
+        embed_cache_dir=args.embed_cache_dir,
+    )
+    configs = _configs(args.dataset or ["refcoco"], args.split_by or [])
+    if args.source is not None:
+        out = build_folder(args.source, args.out, configs, image_dir=args.image_dir, mining=mining)
+    else:
+        from .synthetic import make_refer_source
+
+        print(f"no --source: building the embedded demo (a synthetic refer source of {args.demo_images} images)")
+        with tempfile.TemporaryDirectory(prefix="nemo_hf_demo_") as tmp:
+            make_refer_source(tmp, n_images=args.demo_images, seed=args.seed)
+            out = build_folder(tmp, args.out, configs if args.dataset else ["all"], mining=mining)
+    print(f"wrote {out}\nload it with: datasets.load_dataset({str(out)!r}, name)  (configs: see {out}/README.md)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nemo-hf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="refer files -> hub-ready folder (Parquet + dataset card)")
+    b.add_argument("--source", help="refer layout root; omit for the embedded synthetic demo")
+    b.add_argument("--dataset", action="append", help="refcoco | refcoco+ | refcocog | a config name | all (repeatable)")
+    b.add_argument("--split-by", action="append", help="unc | umd | google (default: unc, umd for refcocog)")
+    b.add_argument("--image-dir", help="COCO train2014 folder (default <source>/images/mscoco/images/train2014)")
+    b.add_argument("--out", required=True, help="output folder (replaced atomically if it exists)")
+    b.add_argument("--model", help="mining model id or local path (default openai/clip-vit-base-patch32)")
+    b.add_argument("--model-revision")
+    b.add_argument("--tau", default="p99", help="i2i/t2i upper bound: a cosine (0.9) or a percentile (p99)")
+    b.add_argument("--top-k", type=int, default=20, help="negatives kept per expression")
+    b.add_argument("--mode", choices=["i2i", "t2i"], default="i2i")
+    b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat")
+    b.add_argument("--embed-cache-dir")
+    b.add_argument("--no-mining", action="store_true", help="leave the negative columns empty")
+    b.add_argument("--demo-images", type=int, default=48, help="images in the synthetic demo source")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ReferFormatError, ValueError, FileNotFoundError) as err:
+        print(f"nemo-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

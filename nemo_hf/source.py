@@ -1,0 +1,153 @@
+"""A refer source folder: its refs configs, its images, and which images may serve as negatives.
+
+RefCOCO, RefCOCO+ and RefCOCOg annotate the same COCO train2014 images, so whether an image is an
+evaluation image is a property of the whole source, not of one config: an image that is val or test
+in *any* refs file present is kept out of *every* training negative pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image
+
+from . import refer
+from .schema import REFS_CONFIGS, TRAIN_SPLIT
+
+logger = logging.getLogger(__name__)
+
+
+class ReferSource:
+    """Reads a refer-layout folder once per process and answers the builder's questions about it."""
+
+    def __init__(self, root: str | os.PathLike, image_dir: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser()
+        self.image_dir = Path(image_dir).expanduser() if image_dir else refer.default_image_dir(self.root)
+        if not self.root.is_dir():
+            raise refer.ReferFormatError(f"{self.root}: source folder not found")
+        self._refs: dict[str, list[dict]] = {}
+        self._instances: dict[str, refer.Instances] = {}
+        self._image_problems: dict[int, str | None] = {}
+        self._rows: dict[str, tuple[dict, dict]] = {}
+
+    def __repr__(self) -> str:
+        return f"ReferSource(root={str(self.root)!r}, image_dir={str(self.image_dir)!r})"
+
+    @cached_property
+    def present_configs(self) -> list[str]:
+        """Refs configs whose two annotation files exist, in schema order."""
+        return [name for name, cfg in REFS_CONFIGS.items() if refer.is_present(self.root, cfg)]
+
+    def require(self, config: str) -> None:
+        cfg = REFS_CONFIGS[config]
+        for path in (refer.refs_path(self.root, cfg), refer.instances_path(self.root, cfg)):
+            if not path.is_file():
+                found = ", ".join(self.present_configs) or "none"
+                raise refer.ReferFormatError(
+                    f"{path}: not found, so config {config!r} cannot be built (configs present in {self.root}: {found})"
+                )
+
+    def refs(self, config: str) -> list[dict]:
+        if config not in self._refs:
+            self.require(config)
+            cfg = REFS_CONFIGS[config]
+            path = refer.refs_path(self.root, cfg)
+            refs = refer.load_refs(path)
+            for ref in refs:
+                if ref["split"] not in cfg.splits:
+                    raise refer.ReferFormatError(
+                        f"{path}: ref {ref['ref_id']} has split {ref['split']!r}; {config} has {', '.join(cfg.splits)}"
+                    )
+            self._refs[config] = refs
+        return self._refs[config]
+
+    def instances(self, config: str) -> refer.Instances:
+        if config not in self._instances:
+            self.require(config)
+            self._instances[config] = refer.load_instances(refer.instances_path(self.root, REFS_CONFIGS[config]))
+        return self._instances[config]
+
+    def image_path(self, file_name: str) -> Path:
+        return self.image_dir / file_name
+
+    def image_problem(self, image: dict) -> str | None:
+        """Why an image file cannot be used (missing, unreadable, size differs from instances.json), or None.
+
+        Decoding at 1/8 scale reads the whole entropy-coded stream, so truncation is caught cheaply.
+        """
+        image_id = int(image["id"])
+        if image_id not in self._image_problems:
+            path = self.image_path(image["file_name"])
+            problem = None
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+                    im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                    im.load()
+                if size != (int(image["width"]), int(image["height"])):
+                    problem = f"is {size[0]}x{size[1]}, instances.json says {image['width']}x{image['height']}"
+            except FileNotFoundError:
+                problem = "is missing"
+            except Exception as err:  # PIL raises many types for corrupt files
+                problem = f"is unreadable ({type(err).__name__}: {err})"
+            if problem:
+                logger.warning("skipping image %d: %s %s", image_id, path, problem)
+            self._image_problems[image_id] = problem
+        return self._image_problems[image_id]
+
+    def rows(self, config: str) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+        """Validated rows per split, and per split the refs skipped because their image is unusable.
+
+        The rows are shared: a caller that adds columns (the miner) does so for every later caller.
+        """
+        if config not in self._rows:
+            self._rows[config] = self._read_rows(config)
+        return self._rows[config]
+
+    def _read_rows(self, config: str) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+        cfg = REFS_CONFIGS[config]
+        instances = self.instances(config)
+        rows: dict[str, list[dict]] = {split: [] for split in cfg.splits}
+        skipped: dict[str, list[str]] = {split: [] for split in cfg.splits}
+        for row in refer.ref_rows(self.refs(config), instances, refer.refs_path(self.root, cfg)):
+            problem = self.image_problem(instances.images[row["image_id"]])
+            if problem:
+                skipped[row["split"]].append(f"ref {row['ref_id']}: image {row['image_id']} {problem}")
+            else:
+                rows[row["split"]].append(row)
+        return rows, skipped
+
+    @cached_property
+    def eval_image_ids(self) -> frozenset[int]:
+        """Images with a non-train ref in any refs config present in the source."""
+        return frozenset(
+            int(ref["image_id"])
+            for config in self.present_configs
+            for ref in self.refs(config)
+            if ref["split"] != TRAIN_SPLIT
+        )
+
+    def training_pool(self, config: str) -> list[int]:
+        """Image ids that may serve as negatives (and random tiles) for ``config``'s training rows."""
+        instances = self.instances(config)
+        train_ids = {int(r["image_id"]) for r in self.refs(config) if r["split"] == TRAIN_SPLIT}
+        return sorted(
+            i for i in train_ids - self.eval_image_ids if self.image_problem(instances.images[i]) is None
+        )
+
+
+_SOURCES: dict[tuple, ReferSource] = {}
+
+
+def open_source(root: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> ReferSource:
+    """One ReferSource per (root, image_dir, annotation files' mtimes) and process, so configs built
+    one after another share what was read and checked."""
+    root = Path(root).expanduser().resolve()
+    files = sorted(root.glob("*/*.p")) + sorted(root.glob("*/instances.json")) if root.is_dir() else []
+    key = (str(root), str(image_dir), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    if key not in _SOURCES:
+        _SOURCES[key] = ReferSource(root, image_dir)
+    return _SOURCES[key]
