@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 
 from nemo_hf import __version__
+from nemo_hf import refer
 from nemo_hf.refer import ReferFormatError
 from nemo_hf.schema import DEFAULT_CONFIG, IMAGES_CONFIG, IMAGES_FEATURES, REFS_CONFIGS, REFS_FEATURES, TRAIN_SPLIT
 from nemo_hf.source import open_source
@@ -61,18 +61,16 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
         return root
 
     def create_config_id(self, config_kwargs: dict, custom_features=None) -> str:
-        # The annotation files' size and mtime join the cache key (two stat calls, no listing),
+        # The annotation files' size and mtime join the cache key (a few stat calls, no listing),
         # so a changed source is rebuilt while a cache hit stays instant.
         config_kwargs = dict(config_kwargs)
         root = self.source or self.data_dir
-        if root and self.name in REFS_CONFIGS:
-            stamp = []
-            for name in (f"refs({REFS_CONFIGS[self.name].split_by}).p", "instances.json"):
-                path = Path(root, REFS_CONFIGS[self.name].dataset, name)
-                if path.is_file():
-                    st = path.stat()
-                    stamp.append(f"{st.st_size}:{st.st_mtime_ns}")
-            config_kwargs["source_stamp"] = ",".join(stamp)
+        if root:
+            cfgs = [REFS_CONFIGS[self.name]] if self.name in REFS_CONFIGS else REFS_CONFIGS.values()
+            paths = [p for cfg in cfgs for p in (refer.refs_path(root, cfg), refer.instances_path(root, cfg))]
+            config_kwargs["source_stamp"] = ",".join(
+                f"{st.st_size}:{st.st_mtime_ns}" for st in (p.stat() for p in paths if p.is_file())
+            )
         config_kwargs["nemo_hf_version"] = __version__
         return super().create_config_id(config_kwargs, custom_features=custom_features)
 

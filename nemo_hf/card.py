@@ -50,8 +50,14 @@ def _counts_table(report) -> str:
             continue
         for split, v in entry["splits"].items():
             lines.append(f"| {name} | {split} | {v['rows']:,} | {v['sentences']:,} | {v['images']:,} |")
-    images = report.configs[IMAGES_CONFIG]["splits"]["train"]["rows"]
-    lines.append(f"\n`images`: {images:,} images (the union of the configs above).")
+    if IMAGES_CONFIG in report.configs:
+        images = report.configs[IMAGES_CONFIG]["splits"]["train"]["rows"]
+        lines.append(f"\n`images`: {images:,} images (the union of the configs above).")
+    else:
+        lines.append(
+            "\n**No images here**: this repository holds the refs configs only. Join `file_name` with your own "
+            "COCO train2014 copy (each image keeps its own Flickr licence), or build the `images` config with nemo_hf."
+        )
     return "\n".join(lines)
 
 
@@ -85,12 +91,11 @@ def _mining_text(report) -> str:
 
 def render_card(report, repo: str = "path/to/this/folder", preview: bool = False) -> str:
     template = Template(resources.files("nemo_hf_cards").joinpath("dataset_card.md").read_text())
-    refs_configs = [c for c in report.configs if c != IMAGES_CONFIG]
     return template.substitute(
         yaml=card_yaml(report).strip(),
         title="NeMo RefCOCO / RefCOCO+ / RefCOCOg (nemo_hf)",
         version=report.nemo_hf_version,
-        config_list=", ".join(f"`{c}`" for c in [*refs_configs, IMAGES_CONFIG]),
+        config_list=", ".join(f"`{c}`" for c in report.configs),
         default_config=report.default_config,
         repo=repo,
         preview=f"![NeMo mosaics with the target mask overlaid]({PREVIEW_FILE})" if preview else "",

@@ -57,6 +57,14 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import push_folder
+
+    url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private, include_images=not args.no_images)
+    print(f"pushed {args.folder} to {args.repo_id} in one commit: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--demo-images", type=int, default=48, help="images in the synthetic demo source")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("push", help="upload a built folder to the Hub in one atomic commit")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", required=True, help="USER/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="default: HF_TOKEN or the cached login")
+    p.add_argument("--no-images", action="store_true", help="push the refs configs only")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

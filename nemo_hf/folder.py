@@ -52,7 +52,7 @@ class BuildReport:
     eval_images_excluded_from_pools: int = 0
 
     def write(self, folder: Path) -> None:
-        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "BuildReport":
