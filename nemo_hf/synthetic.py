@@ -66,50 +66,60 @@ def make_refer_source(root, n_images: int = 12, seed: int = 0, *, datasets=tuple
         out.mkdir(parents=True, exist_ok=True)
         for split_by in SPLIT_SCHEMES[dataset]:
             scheme = splits[dataset, split_by]
-            split_refs = [{**ref, "split": scheme[ref["image_id"], ref["ann_id"]]} for ref in refs]
+            split_refs = [{**ref, "split": scheme[ref["ann_id"]]} for ref in refs]
             path = out / f"refs({split_by}).p"
             if py2_strings:
                 write_py2_refs_pickle(split_refs, path)
             else:
                 with open(path, "wb") as f:
                     pickle.dump(split_refs, f, protocol=2)
-        with open(out / "instances.json", "w") as f:
-            json.dump(_instances(images, {ref["image_id"] for ref in refs}), f)
+        (out / "instances.json").write_text(json.dumps(_instances(images, {ref["image_id"] for ref in refs})))
     return root
 
 
 def write_py2_refs_pickle(refs, path, encoding: str = "utf-8") -> None:
-    """Pickle ``refs`` as Python 2's cPickle wrote ``str``: SHORT_BINSTRING/BINSTRING byte strings.
+    """Pickle ``refs`` (protocol 2) as Python 2's cPickle wrote ``str``: SHORT_BINSTRING/BINSTRING bytes.
 
     Each ``str`` is encoded with ``encoding``; ``bytes`` go in as they are, so a test can plant
     latin-1 or undecodable bytes. Lets the reader be tested on what real RefCOCO files hold.
+    The opcodes are assembled by hand: ``pickle`` itself has no way to write Python 2 strings.
     """
-    with open(path, "wb") as f:
-        _Py2Pickler(f, encoding).dump(refs)
+    out = [pickle.PROTO + b"\x02"]
+    _py2_opcodes(refs, encoding, out)
+    out.append(pickle.STOP)
+    Path(path).write_bytes(b"".join(out))
 
 
-class _Py2Pickler(pickle._Pickler):
-    """Protocol-2 pickler whose strings are Python 2 ``str`` (bytes) opcodes, never BINUNICODE."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def __init__(self, file, encoding: str):
-        super().__init__(file, protocol=2)
-        self.encoding = encoding
-
-    def __repr__(self) -> str:
-        return f"_Py2Pickler(encoding={self.encoding!r})"
-
-    def save_py2_str(self, obj):
-        data = obj if isinstance(obj, bytes) else obj.encode(self.encoding)
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+def _py2_opcodes(obj, encoding: str, out: list) -> None:
+    if isinstance(obj, (str, bytes)):
+        data = obj if isinstance(obj, bytes) else obj.encode(encoding)
+        size = len(data)
+        out.append(pickle.SHORT_BINSTRING + bytes([size]) if size < 256 else pickle.BINSTRING + struct.pack("<i", size))
+        out.append(data)
+    elif isinstance(obj, bool):
+        out.append(pickle.NEWTRUE if obj else pickle.NEWFALSE)
+    elif isinstance(obj, int):
+        if 0 <= obj < 256:
+            out.append(pickle.BININT1 + bytes([obj]))
+        elif -(2**31) <= obj < 2**31:
+            out.append(pickle.BININT + struct.pack("<i", obj))
         else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = save_py2_str
-    dispatch[bytes] = save_py2_str
+            data = obj.to_bytes(obj.bit_length() // 8 + 1, "little", signed=True)
+            out.append(pickle.LONG1 + bytes([len(data)]) + data)
+    elif isinstance(obj, float):
+        out.append(pickle.BINFLOAT + struct.pack(">d", obj))
+    elif obj is None:
+        out.append(pickle.NONE)
+    elif isinstance(obj, (list, dict)):
+        items = [x for kv in obj.items() for x in kv] if isinstance(obj, dict) else obj
+        out.append(pickle.EMPTY_DICT if isinstance(obj, dict) else pickle.EMPTY_LIST)
+        if items:
+            out.append(pickle.MARK)
+            for item in items:
+                _py2_opcodes(item, encoding, out)
+            out.append(pickle.SETITEMS if isinstance(obj, dict) else pickle.APPENDS)
+    else:
+        raise TypeError(f"cannot write a {type(obj).__name__} into a Python 2 refs pickle")
 
 
 def _progress(items, total, enabled):
@@ -163,48 +173,11 @@ def _make_image(job) -> dict:
     rng = np.random.default_rng([seed, 1, index])
     width, height = sizes[rng.integers(len(sizes))]
     people = index == 0 or (index != 1 and rng.random() < 0.45)  # one image of each kind at any scale
-    n_objects = int(rng.integers(3, 7))
-    n_people = int(rng.integers(2, n_objects + 1)) if people else 0
-    others = [c for c in CATEGORIES if c != _PERSON]
-    categories = [_PERSON] * n_people + [int(c) for c in rng.choice(others, n_objects - n_people)]
-    colours = [str(c) for c in rng.permutation(list(COLOURS))[:n_objects]]
-    cells = rng.permutation(9)[:n_objects]  # objects sit in distinct thirds of the image, never overlapping
-
-    small = rng.uniform(70, 185, (3, 4, 3)).astype(np.uint8)
-    canvas = Image.fromarray(small).resize((width, height), Image.BICUBIC)
-    draw = ImageDraw.Draw(canvas)
-    objects = []
-    for k, (category_id, colour, cell) in enumerate(zip(categories, colours, cells)):
-        cw, ch = width / 3, height / 3
-        fw, fh = (rng.uniform(0.35, 0.55), rng.uniform(0.7, 0.88)) if category_id == _PERSON else rng.uniform(0.45, 0.85, 2)
-        x0 = (cell % 3) * cw + rng.uniform(0.05, 0.95 - fw) * cw
-        y0 = (cell // 3) * ch + rng.uniform(0.05, 0.95 - fh) * ch
-        polygons = [[round(float(v), 2) for v in p] for p in _shape(category_id, x0, y0, x0 + fw * cw, y0 + fh * ch)]
-        for polygon in polygons:
-            draw.polygon(polygon, fill=COLOURS[colour])
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-        ys, xs = np.nonzero(mask_utils.decode(rle))
-        xy = np.concatenate(polygons).reshape(-1, 2)
-        x_min, y_min = xy.min(0)
-        x_max, y_max = xy.max(0)
-        objects.append({"k": k, "ann_id": 1_000_000 + 8 * index + k, "category_id": category_id, "colour": colour,
-                        "segmentation": polygons, "area": float(mask_utils.area(rle)),
-                        "bbox": [round(float(v), 2) for v in (x_min, y_min, x_max - x_min, y_max - y_min)],
-                        "row": int(3 * ys.mean() // height), "col": int(3 * xs.mean() // width)})
-
-    pixels = np.asarray(canvas, dtype=np.int16)
-    pixels += np.linspace(-18, 18, height, dtype=np.int16)[:, None, None]  # light from above
-    blotches = rng.uniform(113, 143, (height // 8, width // 8)).astype(np.uint8)
-    pixels += np.asarray(Image.fromarray(blotches).resize((width, height), Image.BICUBIC), dtype=np.int16)[..., None] - 128
-    oy, ox = rng.integers(0, 1025 - height), rng.integers(0, 1025 - width)
-    pixels += _texture(seed)[oy:oy + height, ox:ox + width]
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
-        Path(image_dir) / f"COCO_train2014_{image_id:012d}.jpg", quality=90)
-
-    referable = [o for o in objects if (o["category_id"] == _PERSON) == people]
-    coco_refs = _pick(rng, referable, 0.3)
+    objects = _place_objects(rng, width, height, people, first_ann_id=1_000_000 + 8 * index)
+    _render(rng, seed, width, height, objects).save(Path(image_dir) / f"COCO_train2014_{image_id:012d}.jpg", quality=90)
+    coco_refs = _pick(rng, [o for o in objects if (o["category_id"] == _PERSON) == people], 0.3)
     gref_refs = [] if index % 8 == 7 else _pick(rng, objects, 0.1)  # refcocog leaves out some images
-    return {"index": index, "id": image_id, "width": width, "height": height, "people": people,
+    return {"id": image_id, "width": width, "height": height, "people": people,
             "license": int(rng.integers(1, 9)), "date_captured": "2013-11-%02d %02d:%02d:%02d" % tuple(
                 int(v) for v in rng.integers((14, 0, 0, 0), (26, 24, 60, 60))),
             "flickr_url": "http://farm%d.staticflickr.com/%d/%d_%010x_z.jpg" % tuple(
@@ -213,6 +186,48 @@ def _make_image(job) -> dict:
             "refs": {"refcoco": [(o["k"], _sentences(rng, o, objects, "refcoco")) for o in coco_refs],
                      "refcoco+": [(o["k"], _sentences(rng, o, objects, "refcoco+")) for o in coco_refs],
                      "refcocog": [(o["k"], _sentences(rng, o, objects, "refcocog")) for o in gref_refs]}}
+
+
+def _place_objects(rng, width, height, people, first_ann_id) -> list[dict]:
+    """3-6 objects in distinct thirds of the image (never overlapping), each with its COCO annotation."""
+    n_objects = int(rng.integers(3, 7))
+    n_people = int(rng.integers(2, n_objects + 1)) if people else 0
+    others = [c for c in CATEGORIES if c != _PERSON]
+    categories = [_PERSON] * n_people + [int(c) for c in rng.choice(others, n_objects - n_people)]
+    colours = [str(c) for c in rng.permutation(list(COLOURS))[:n_objects]]
+    cw, ch = width / 3, height / 3
+    objects = []
+    for k, (category_id, colour, cell) in enumerate(zip(categories, colours, rng.permutation(9))):
+        fw, fh = (rng.uniform(0.35, 0.55), rng.uniform(0.7, 0.88)) if category_id == _PERSON else rng.uniform(0.45, 0.85, 2)
+        x0 = (cell % 3) * cw + rng.uniform(0.05, 0.95 - fw) * cw
+        y0 = (cell // 3) * ch + rng.uniform(0.05, 0.95 - fh) * ch
+        polygons = [[round(float(v), 2) for v in p] for p in _shape(category_id, x0, y0, x0 + fw * cw, y0 + fh * ch)]
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        mask = mask_utils.decode(rle)
+        cy, cx = (mask.sum(1) @ np.arange(height), mask.sum(0) @ np.arange(width)) / mask_utils.area(rle)
+        xy = np.concatenate(polygons).reshape(-1, 2)
+        (x_min, y_min), (x_max, y_max) = xy.min(0), xy.max(0)
+        objects.append({"k": k, "ann_id": first_ann_id + k, "category_id": category_id, "colour": colour,
+                        "segmentation": polygons, "area": float(mask_utils.area(rle)),
+                        "bbox": [round(float(v), 2) for v in (x_min, y_min, x_max - x_min, y_max - y_min)],
+                        "row": int(3 * cy // height), "col": int(3 * cx // width)})  # thirds of the mask centroid
+    return objects
+
+
+def _render(rng, seed, width, height, objects) -> Image.Image:
+    """Smooth background, flat-coloured objects, then light, blotches and grain so it compresses like a photo."""
+    canvas = Image.fromarray(rng.uniform(70, 185, (3, 4, 3)).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        for polygon in obj["segmentation"]:
+            draw.polygon(polygon, fill=COLOURS[obj["colour"]])
+    pixels = np.asarray(canvas, dtype=np.int16)
+    pixels += np.linspace(-18, 18, height, dtype=np.int16)[:, None, None]  # light from above
+    blotches = Image.fromarray(rng.uniform(113, 143, (height // 8, width // 8)).astype(np.uint8))
+    pixels += np.asarray(blotches.resize((width, height), Image.BICUBIC), dtype=np.int16)[..., None] - 128
+    oy, ox = rng.integers(0, 1025 - height), rng.integers(0, 1025 - width)
+    pixels += _texture(seed)[oy:oy + height, ox:ox + width]
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
 def _pick(rng, candidates, p_extra):
@@ -234,18 +249,18 @@ def _sentences(rng, obj, objects, dataset) -> list[str]:
     if dataset == "refcoco":
         options = [f"{colour} {name} {where}", f"the {colour} {name} {at}", f"{where} {name}", f"{colour} {name}"]
         options += [f"{colour} {name} {relation}"] if relation else []
-        counts = [0.04, 0.08, 0.88]
+        n_weights = [0.04, 0.08, 0.88]  # 2.84 expressions per ref, as RefCOCO
     elif dataset == "refcoco+":
         sizes = sorted(o["area"] for o in objects)
         size = "big " if obj["area"] == sizes[-1] else "small " if obj["area"] == sizes[0] else ""
         options = [f"{colour} {name}", f"the {colour} one", f"{size}{colour} {name}", f"{name} in {colour}"]
-        counts = [0.04, 0.08, 0.88]
+        n_weights = [0.04, 0.08, 0.88]
     else:
         options = [f"a {colour} {name} {at} of the picture", f"there is a {colour} {name} {at}",
                    f"the {name} that is {colour}"]
         options += [f"a {colour} {name} {relation}"] if relation else []
-        counts = [0.2, 0.7, 0.1]
-    n = 1 + int(rng.choice(3, p=counts))
+        n_weights = [0.2, 0.7, 0.1]  # 1.9, as RefCOCOg
+    n = 1 + int(rng.choice(3, p=n_weights))
     return [_raw(rng, options[i]) for i in rng.choice(len(options), min(n, len(options)), replace=False)]
 
 
@@ -268,7 +283,7 @@ def _fraction(frac: float, total: int) -> int:
 
 
 def _assign_splits(images, seed) -> dict:
-    """Split of every (image id, ann id) under every scheme, with the real schemes' semantics.
+    """``{(dataset, split_by): {ann_id: split}}`` with the real schemes' semantics.
 
     unc (refcoco, refcoco+) partitions images: testA images of people, testB of other objects.
     umd partitions images too, its val/test drawn from unc-train images (an image is train in one
@@ -278,31 +293,27 @@ def _assign_splits(images, seed) -> dict:
     rng = np.random.default_rng([seed, 3])
     order = [images[i] for i in rng.permutation(len(images))]
     unc = {}
-    for image in [im for im in order if im["people"]][:_fraction(0.0375, len(images))]:
-        unc[image["id"]] = "testA"
-    for image in [im for im in order if not im["people"]][:_fraction(0.0375, len(images))]:
-        unc[image["id"]] = "testB"
-    for image in [im for im in order if im["id"] not in unc][:_fraction(0.075, len(images))]:
-        unc[image["id"]] = "val"
+    for split, pool in (("testA", [im for im in order if im["people"]]), ("testB", [im for im in order if not im["people"]])):
+        unc.update((im["id"], split) for im in pool[:_fraction(0.0375, len(images))])
+    unc.update((im["id"], "val") for im in [im for im in order if im["id"] not in unc][:_fraction(0.075, len(images))])
     gref_images = [im for im in reversed(order) if im["refs"]["refcocog"]]
-    candidates = [im for im in gref_images if im["id"] not in unc]
     n_test, n_val = _fraction(0.10, len(gref_images)), _fraction(0.05, len(gref_images))
-    umd = {im["id"]: "test" if i < n_test else "val" for i, im in enumerate(candidates[:n_test + n_val])}
+    candidates = [im for im in gref_images if im["id"] not in unc][:n_test + n_val]
+    umd = {im["id"]: "test" if i < n_test else "val" for i, im in enumerate(candidates)}
 
-    splits = {}
-    for dataset, split_by, scheme in (("refcoco", "unc", unc), ("refcoco+", "unc", unc), ("refcocog", "umd", umd)):
-        splits[dataset, split_by] = {(im["id"], o["ann_id"]): scheme.get(im["id"], "train")
-                                     for im in images for o in im["objects"]}
+    def per_object(by_image):
+        return {o["ann_id"]: by_image.get(im["id"], "train") for im in images for o in im["objects"]}
+
+    splits = {("refcoco", "unc"): per_object(unc), ("refcoco+", "unc"): per_object(unc), ("refcocog", "umd"): per_object(umd)}
     for dataset, held_out in (("refcoco", ("val", "test")), ("refcocog", ("val",))):
-        scheme = {(im["id"], o["ann_id"]): "train" for im in images for o in im["objects"]}
+        google = per_object({})
         n_refs = sum(len(im["refs"][dataset]) for im in images)
-        shuffled = [images[i] for i in rng.permutation(len(images)) if images[i]["refs"][dataset]]
-        chosen = iter(shuffled)
-        for split in held_out:
-            for image in [next(chosen) for _ in range(_fraction(0.10, n_refs))]:
+        shuffled = iter([images[i] for i in rng.permutation(len(images)) if images[i]["refs"][dataset]])
+        for split in held_out:  # one held-out ref per image, ~10% of the refs each
+            for image in [next(shuffled) for _ in range(_fraction(0.10, n_refs))]:
                 k = image["refs"][dataset][rng.integers(len(image["refs"][dataset]))][0]
-                scheme[image["id"], image["objects"][k]["ann_id"]] = split
-        splits[dataset, "google"] = scheme
+                google[image["objects"][k]["ann_id"]] = split
+        splits[dataset, "google"] = google
     return splits
 
 
