@@ -1,0 +1,342 @@
+"""Train and evaluate text-conditioned mask models (CLIPSeg) on NeMo rows with ``transformers.Trainer``.
+
+Three pieces:
+
+- :class:`RISCollator` turns transform rows (``nemo_hf.mosaic`` output) into model inputs through a
+  ``transformers`` processor, with ``labels`` = float masks (B, H, W) at the processed image size.
+  Evaluation rows also carry what is needed to score at the ORIGINAL image resolution.
+- :class:`RISTrainer` is a ``Trainer`` that keeps the raw columns a ``set_transform`` needs, reduces
+  each evaluation batch's logits to per-expression intersection/union counts at original
+  resolution as they come (memory stays O(expressions), never O(pixels)), and scores them with
+  :class:`RISComputeMetrics`.
+- :func:`tiny_random_clipseg`: an untrained, tiny CLIPSeg + processor for tests and demos.
+
+Why the counting happens in ``prediction_step`` and not in ``preprocess_logits_for_metrics``: that hook
+only sees ``(logits, labels)``, and whatever travels as ``labels`` is also gathered and kept for the
+whole split by the evaluation loop. Ground truth at original resolution in ``labels`` would bring
+back the gigabytes we avoid, and an index into a side table would tie the metric to one dataset
+object. So the collator puts the evaluation targets under their own key (:data:`TARGETS_KEY`),
+``prediction_step`` pops it before the model sees the batch, and returns per expression
+``[intersection, union]`` as predictions and ``sent_id`` as label ids. Distributed evaluation
+stays correct because the counts are computed per process before gathering.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+from transformers import Trainer
+
+from .metrics import DEFAULT_THRESHOLDS, RISMetrics
+
+TARGETS_KEY = "ris_targets"
+ORIGINAL_MASK_KEY = "orig_mask"  # COCO RLE {"size": [h, w], "counts": str} of the ground truth at original size
+
+
+class RISCollator:
+    """Transform rows -> ``processor(text, images)`` + ``labels`` (+ evaluation targets).
+
+    ``labels``: each row's uint8 mask resized to the processed image size with the same bilinear
+    filter image processors use (antialiased when shrinking), then thresholded at 0.5, as float32
+    (B, H, W), so label pixels line up with ``pixel_values`` and CLIPSeg's BCE loss takes them as is.
+    Rows with ``orig_size`` and ``content_box`` (evaluation rows) add :data:`TARGETS_KEY`: the ground
+    truth at original size (decoded from ``orig_mask``), the content box as fractions of the image
+    and the ``sent_id``s. The mapping assumes the processor resizes the square transform image
+    onto the whole of ``pixel_values`` (resize, no crop of a non-square image): CLIPSeg's does.
+    """
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.processor = processor
+        self.max_length = max_length
+
+    def __repr__(self) -> str:
+        return f"RISCollator(processor={type(self.processor).__name__}, max_length={self.max_length})"
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if not rows:
+            raise ValueError("RISCollator got an empty batch")
+        missing = {"image", "mask", "sentence"} - set(rows[0])
+        if missing:
+            raise KeyError(
+                f"rows lack {sorted(missing)} (got {sorted(rows[0])}): the dataset needs a nemo_hf transform "
+                "(NeMoMosaic / EvalTransform) set with set_transform, and the Trainer must keep raw columns "
+                "(RISTrainer does)"
+            )
+        batch = dict(
+            self.processor(
+                text=[row["sentence"] for row in rows],
+                images=[row["image"] for row in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+        )
+        height, width = batch["pixel_values"].shape[-2:]
+        batch["labels"] = torch.from_numpy(np.stack([resize_mask(row["mask"], (height, width)) for row in rows]))
+        is_eval = ["content_box" in row for row in rows]
+        if all(is_eval):
+            batch[TARGETS_KEY] = eval_targets(rows)
+        elif any(is_eval):
+            raise ValueError("a batch mixes evaluation rows (with content_box) and training rows")
+        return batch
+
+
+def resize_mask(mask, size: tuple[int, int]) -> np.ndarray:
+    """uint8 0/1 mask -> float32 0/1 mask of ``size`` (h, w): bilinear, then >= 0.5."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2-d (h, w), got shape {mask.shape}")
+    height, width = size
+    image = Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    return (resized >= 128).astype(np.float32)
+
+
+def eval_targets(rows: list[dict]) -> dict:
+    """What scoring at original resolution needs, per row: decoded ground truth, content box, sent_id."""
+    gt_masks, boxes = [], []
+    for row in rows:
+        if ORIGINAL_MASK_KEY not in row:
+            raise KeyError(
+                f"evaluation row sent_id={row.get('sent_id')} has no {ORIGINAL_MASK_KEY!r} (the ground truth "
+                "at original size); wrap the evaluation transform with nemo_hf.training.KeepOriginalMask"
+            )
+        height, width = (int(v) for v in row["orig_size"])
+        gt = decode_rle(row[ORIGINAL_MASK_KEY])
+        if gt.shape != (height, width):
+            raise ValueError(
+                f"sent_id={row.get('sent_id')}: ground truth is {gt.shape[0]}x{gt.shape[1]} but orig_size is "
+                f"{height}x{width}"
+            )
+        out_h, out_w = _image_hw(row["image"])
+        x0, y0, x1, y1 = (float(v) for v in row["content_box"])
+        if not (0 <= x0 < x1 <= out_w and 0 <= y0 < y1 <= out_h):
+            raise ValueError(
+                f"sent_id={row.get('sent_id')}: content_box {row['content_box']} is not inside the "
+                f"{out_w}x{out_h} image"
+            )
+        gt_masks.append(torch.from_numpy(gt))
+        boxes.append([x0 / out_w, y0 / out_h, x1 / out_w, y1 / out_h])
+    return {
+        "gt_masks": gt_masks,
+        "content_boxes": torch.tensor(boxes, dtype=torch.float32),
+        "sent_ids": torch.tensor([int(row.get("sent_id", -1)) for row in rows], dtype=torch.int64),
+    }
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO compressed RLE (``counts`` as str or bytes) -> bool (h, w)."""
+    counts = rle["counts"]
+    encoded = {"size": [int(v) for v in rle["size"]], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(encoded).astype(bool)
+
+
+def _image_hw(image) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return tuple(np.asarray(image).shape[:2])
+
+
+class KeepOriginalMask:
+    """Wraps a ``set_transform`` batch transform so each output row keeps the refs row's ``mask`` RLE
+    (ground truth at original size) under :data:`ORIGINAL_MASK_KEY`; the transform's own ``mask`` is
+    at output size. Needs a 1:1 transform (one output row per input row), as ``EvalTransform`` is."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __repr__(self) -> str:
+        return f"KeepOriginalMask({self.transform!r})"
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.transform(batch)
+        n_in, n_out = len(batch["mask"]), len(out["mask"])
+        if n_in != n_out:
+            raise ValueError(f"KeepOriginalMask needs one output row per input row, got {n_in} -> {n_out}")
+        return {**out, ORIGINAL_MASK_KEY: batch["mask"]}
+
+
+class CountsAtOriginalSize:
+    """Logits (B, h, w) at model resolution -> per-expression ``[intersection, union]`` (B, 2) at the
+    original image resolution.
+
+    Each original pixel centre is mapped into the content box of the logits and sampled bilinearly
+    (point sampling, one interpolation, no intermediate resize, on the logits' device); samples are
+    clamped to the content so letterbox padding never leaks into border pixels. For a squashed (full) content box and logits smaller than the original this is
+    what ``EvalTransform.to_original`` gives. Foreground: sigmoid(logit) > ``threshold``.
+    """
+
+    def __init__(self, threshold: float = 0.5):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+        self.threshold = threshold
+        self.logit_threshold = math.log(threshold / (1.0 - threshold))
+
+    def __repr__(self) -> str:
+        return f"CountsAtOriginalSize(threshold={self.threshold})"
+
+    def __call__(self, logits: torch.Tensor, targets: dict) -> torch.Tensor:
+        if logits.ndim != 3:
+            raise ValueError(f"expected logits (B, h, w), got shape {tuple(logits.shape)}")
+        counts = torch.empty((len(logits), 2), dtype=torch.int64)
+        for i, (row_logits, gt, box) in enumerate(zip(logits, targets["gt_masks"], targets["content_boxes"])):
+            pred = self.resample(row_logits, box.tolist(), gt.shape) > self.logit_threshold
+            gt = gt.to(pred.device, torch.bool)
+            counts[i, 0] = (pred & gt).sum()
+            counts[i, 1] = (pred | gt).sum()
+        return counts
+
+    @staticmethod
+    def resample(logits: torch.Tensor, box: list[float], size: tuple[int, int]) -> torch.Tensor:
+        """Logits (h, w) -> (H, W) values at the original pixels that ``box`` (fractions x0, y0, x1, y1) holds."""
+        h, w = logits.shape
+        height, width = size
+        x0, y0, x1, y1 = box
+        xs = _pixel_centres(x0 * w, x1 * w, width, logits.device)
+        ys = _pixel_centres(y0 * h, y1 * h, height, logits.device)
+        # grid_sample with align_corners=False: -1 and 1 are the outer edges of the logits.
+        grid = torch.stack(torch.meshgrid((xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1, indexing="xy"), dim=-1)
+        sampled = F.grid_sample(logits[None, None].float(), grid[None], mode="bilinear", align_corners=False)
+        return sampled[0, 0]
+
+
+def _pixel_centres(start: float, stop: float, n: int, device) -> torch.Tensor:
+    """Index-space coordinates (pixel k centred at k) of ``n`` original pixels spread over [start, stop),
+    clamped to the centres of the first and last pixel inside the span."""
+    centres = start + (torch.arange(n, dtype=torch.float32, device=device) + 0.5) * (stop - start) / n - 0.5
+    low = start
+    high = max(low, stop - 1.0)
+    return centres.clamp(low, high)
+
+
+class RISComputeMetrics:
+    """``compute_metrics`` for :class:`RISTrainer`: predictions are ``[intersection, union]`` rows.
+
+    Works on the whole split, or batch by batch with ``TrainingArguments(batch_eval_metrics=True)``
+    (then it streams into one :class:`~nemo_hf.metrics.RISMetrics` and reports on the last batch).
+    """
+
+    def __init__(self, thresholds=DEFAULT_THRESHOLDS, strict: bool = False, empty_iou: float = 0.0):
+        self.metrics = RISMetrics(thresholds=thresholds, strict=strict, empty_iou=empty_iou)
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        return f"RISComputeMetrics(thresholds={m.thresholds}, strict={m.strict}, empty_iou={m.empty_iou})"
+
+    def __call__(self, eval_prediction, compute_result: bool | None = None) -> dict:
+        counts = eval_prediction.predictions
+        counts = counts.cpu().numpy() if isinstance(counts, torch.Tensor) else counts
+        if not isinstance(counts, np.ndarray) or counts.ndim != 2 or counts.shape[1] != 2:
+            raise ValueError(
+                "predictions are not [intersection, union] rows: evaluate with RISTrainer on EvalTransform rows "
+                "wrapped in KeepOriginalMask (they carry orig_size, content_box and the original mask)"
+            )
+        if compute_result is None:
+            self.metrics.reset()
+        self.metrics.add_counts(counts[:, 0], counts[:, 1])
+        if compute_result is False:
+            return {}
+        result = self.metrics.compute()
+        self.metrics.reset()
+        return result
+
+
+class RISTrainer(Trainer):
+    """``Trainer`` for NeMo rows and CLIPSeg-like models (``labels`` (B, H, W) floats, logits (B, h, w)).
+
+    - Sets ``remove_unused_columns=False`` (with a warning): the default drops the raw columns a
+      ``set_transform`` dataset needs before the transform runs (transformers issue #22119).
+    - Evaluation scores at original resolution: see the module docstring. Predictions are
+      ``[intersection, union]`` per expression and label ids the ``sent_id``; ``compute_metrics``
+      defaults to :class:`RISComputeMetrics`, ``data_collator`` to ``RISCollator(processing_class)``.
+    - The model's loss is a per-batch mean (CLIPSeg's BCE ignores ``num_items_in_batch``), so it is
+      divided by the gradient accumulation steps like any mean loss.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args=None, *, threshold: float = 0.5, **kwargs):
+        if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
+            kwargs["data_collator"] = RISCollator(kwargs["processing_class"])
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = RISComputeMetrics()
+        super().__init__(model=model, args=args, **kwargs)
+        if self.args.remove_unused_columns:
+            warnings.warn(
+                "RISTrainer sets remove_unused_columns=False: NeMo transforms read raw columns "
+                "(transformers issue #22119)",
+                stacklevel=2,
+            )
+            self.args.remove_unused_columns = False
+        if self.args.label_names is None:
+            self.label_names = ["labels"]
+        self.counts_at_original_size = CountsAtOriginalSize(threshold)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        inputs = {k: v for k, v in inputs.items() if k != TARGETS_KEY}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = dict(inputs)
+        targets = inputs.pop(TARGETS_KEY, None)
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if prediction_loss_only or targets is None:
+            return loss, logits, labels
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        counts = self.counts_at_original_size(logits.detach(), targets).to(logits.device)
+        return loss, counts, targets["sent_ids"].to(logits.device)
+
+
+def tiny_random_clipseg(image_size: int = 64, seed: int = 0):
+    """An untrained CLIPSeg a few MB large + its processor (character-level tokenizer built in code),
+    for tests and demos that must run offline on a CPU in seconds. Returns ``(model, processor)``."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        PreTrainedTokenizerFast,
+        ViTImageProcessorPil,
+    )
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(string.ascii_lowercase + string.digits + " .,'-")))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        model_max_length=77,
+    )
+    processor = CLIPSegProcessor(
+        image_processor=ViTImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer=tokenizer
+    )
+    config = CLIPSegConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+            image_size=image_size, patch_size=8,
+        ),
+        projection_dim=32, extract_layers=(0, 1, 2), reduce_dim=16,
+        decoder_num_attention_heads=2, decoder_intermediate_size=32,
+    )
+    torch.manual_seed(seed)
+    return CLIPSegForImageSegmentation(config), processor
