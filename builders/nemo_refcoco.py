@@ -9,6 +9,7 @@ cache hit never lists the source's files.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from nemo_hf.refer import ReferFormatError
 from nemo_hf.schema import DEFAULT_CONFIG, IMAGES_CONFIG, IMAGES_FEATURES, REFS_CONFIGS, REFS_FEATURES, TRAIN_SPLIT
 from nemo_hf.source import open_source
 
+DEMO_MODEL = "demo-random"  # a randomly initialised CLIP: for the offline demo only, its negatives mean nothing
 _DESCRIPTION = "RefCOCO / RefCOCO+ / RefCOCOg referring segmentation with NeMo hard-negative pools (nemo_hf)."
 
 
@@ -34,7 +36,7 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
         mine: compute the negative columns for the train split (False leaves them empty).
         model, model_revision, tau, top_k, mode, index: the mining settings (see ``nemo_hf.mine.MiningParams``).
         embed_cache_dir: where embeddings are cached between runs (default under the HF datasets cache).
-        allow_random_model: use a randomly initialised CLIP when ``model`` is ``"demo-random"`` (demo only).
+        ``model="demo-random"`` mines with a randomly initialised CLIP: for the offline demo only.
     """
 
     source: str | None = None
@@ -43,7 +45,7 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
     mine: bool = True
     model: str = "openai/clip-vit-base-patch32"
     model_revision: str | None = None
-    tau: str = "p99"
+    tau: str | float = "p99"
     top_k: int = 20
     mode: str = "i2i"
     index: str = "flat"
@@ -89,27 +91,44 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         source = open_source(self.config.source_root, self.config.image_dir)
         if self.config.name == IMAGES_CONFIG:
             return [datasets.SplitGenerator(name=TRAIN_SPLIT, gen_kwargs={"source": source})]
-        rows, skipped = source.rows(self.config.name)
-        self.skipped = skipped
+        rows, self.skipped = source.rows(self.config.name)
         self.provenance = None
-        if self.config.mine and rows.get(TRAIN_SPLIT):
-            self.provenance = self._mine(source, rows[TRAIN_SPLIT])
+        if self.config.mine and rows[TRAIN_SPLIT]:
+            rows = {**rows, TRAIN_SPLIT: self._mined(source, rows[TRAIN_SPLIT])}
+            self.info.description = f"{_DESCRIPTION}\nnemo_hf mining provenance: {json.dumps(self.provenance)}"
         return [datasets.SplitGenerator(name=split, gen_kwargs={"rows": rows[split]}) for split in rows]
 
-    def _mine(self, source, train_rows: list[dict]) -> dict:
-        from nemo_hf.mine import MiningParams, mine_into_rows
+    def _mined(self, source, train_rows: list[dict]) -> list[dict]:
+        """Copies of the train rows with their negative columns filled (the source's rows stay unmined)."""
+        from nemo_hf.embed import Embedder, demo_embedder
+        from nemo_hf.mine import MiningParams, mine_refs
 
-        params = MiningParams(tau=self.config.tau, top_k=self.config.top_k, mode=self.config.mode, index=self.config.index)
-        cache_dir = self.config.embed_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings")
-        return mine_into_rows(
-            train_rows,
-            image_files={i: source.image_path(im["file_name"]) for i, im in source.instances(self.config.name).images.items()},
-            pool_image_ids=source.training_pool(self.config.name),
-            model=self.config.model,
-            revision=self.config.model_revision,
-            params=params,
-            cache_dir=cache_dir,
+        tau = self.config.tau
+        params = MiningParams(
+            tau=tau if isinstance(tau, float) or str(tau).startswith("p") else float(tau),
+            top_k=int(self.config.top_k),
+            mode=self.config.mode,
+            index=self.config.index,
         )
+        if self.config.model == DEMO_MODEL:
+            embedder = demo_embedder()
+        else:
+            embedder = Embedder.from_pretrained(self.config.model, revision=self.config.model_revision)
+        images = source.instances(self.config.name).images
+        own_and_pool = {row["image_id"] for row in train_rows} | set(source.training_pool(self.config.name))
+        columns, self.provenance = mine_refs(
+            train_rows,
+            image_files={i: source.image_path(images[i]["file_name"]) for i in own_and_pool},
+            pool_image_ids=source.training_pool(self.config.name),
+            embedder=embedder,
+            params=params,
+            cache_dir=self.config.embed_cache_dir
+            or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings"),
+        )
+        return [
+            {**row, "negatives": c.negatives, "negative_scores": c.scores, "negative_fallback": c.fallback}
+            for row, c in ((row, columns[row["ref_id"]]) for row in train_rows)
+        ]
 
     def _generate_examples(self, rows=None, source=None):
         if source is None:

@@ -11,8 +11,9 @@ from pathlib import Path
 from .refer import ReferFormatError
 from .schema import config_name
 
+DEMO_MODEL = "demo-random"  # the builder's randomly initialised CLIP, for the offline demo only
+
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
-DEMO_MODEL = "demo-random"
 
 
 def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
@@ -57,6 +58,32 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _load_split(folder: str, config: str, split: str = "train"):
+    from datasets import load_dataset
+
+    return load_dataset(folder, config, split=split)
+
+
+def cmd_stats(args) -> int:
+    from .stats import write_stats
+
+    out = args.output or f"{args.config}_negatives.png"
+    print(write_stats(_load_split(args.folder, args.config, args.split), out))
+    print(f"plot: {out}")
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from .preview import render_preview
+
+    refs = _load_split(args.folder, args.config, args.split)
+    grid = render_preview(refs, _load_split(args.folder, "images"), n=args.n, output_size=args.size,
+                          seed=args.seed, config=args.config, tile=args.tile)
+    grid.save(args.output)
+    print(f"wrote {args.output}: {args.n} samples of {args.config}/{args.split}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_folder
 
@@ -86,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--demo-images", type=int, default=48, help="images in the synthetic demo source")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build)
+
+    st = sub.add_parser("stats", help="distribution of the mined negatives, as text and a PNG plot")
+    st.add_argument("folder")
+    st.add_argument("--config", default="refcoco_unc")
+    st.add_argument("--split", default="train")
+    st.add_argument("-o", "--output", help="PNG path (default <config>_negatives.png)")
+    st.set_defaults(func=cmd_stats)
+
+    pv = sub.add_parser("preview", help="a grid of mosaics with the mask overlaid and the sentence under each")
+    pv.add_argument("folder")
+    pv.add_argument("--config", default="refcoco_unc")
+    pv.add_argument("--split", default="train")
+    pv.add_argument("-n", type=int, default=16)
+    pv.add_argument("--size", type=int, default=256, help="side of each mosaic in pixels")
+    pv.add_argument("--tile", choices=["squash", "letterbox"], default="squash")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("-o", "--output", default="grid.png")
+    pv.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("push", help="upload a built folder to the Hub in one atomic commit")
     p.add_argument("folder")

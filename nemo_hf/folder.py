@@ -119,6 +119,7 @@ def build_folder(
         logger.info("building %s (the images of %s)", IMAGES_CONFIG, ", ".join(configs))
         builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
         report.configs[IMAGES_CONFIG] = _prepare(builder, partial, IMAGES_CONFIG, max_shard_size)
+        _write_preview(partial, report.default_config)
         for scratch in (".cache", ".staging"):
             shutil.rmtree(partial / scratch, ignore_errors=True)
         report.write(partial)
@@ -173,6 +174,20 @@ def _stamp_provenance(folder: Path, entry: dict, provenance: dict) -> None:
             table = pq.read_table(path)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"nemo_hf": blob})
             pq.write_table(table, path)
+
+
+def _write_preview(folder: Path, config: str, n: int = 8) -> None:
+    """A grid of mosaics for the card (and the Hub page): a person can see at once that masks land right."""
+    from datasets import Dataset
+
+    from .card import PREVIEW_FILE
+    from .preview import render_preview
+
+    def read(name: str, split: str) -> Dataset:
+        files = sorted(str(p) for p in (folder / "data" / name).glob(f"{split}-*.parquet"))
+        return Dataset.from_parquet(files, cache_dir=str(folder / ".cache"))
+
+    render_preview(read(config, "train"), read(IMAGES_CONFIG, "train"), n=n, config=config).save(folder / PREVIEW_FILE)
 
 
 def _swap_into_place(partial: Path, out_dir: Path) -> None:

@@ -1,0 +1,119 @@
+"""Image embedding throughput: the full pipeline against the bare model forward, same run.
+
+Model: the real CLIP ViT-B/32 architecture with random weights (config from
+/work/shared/models/clip-vit-base-patch32-notweights; weights do not change the cost). Images:
+COCO-like 640x480 JPEGs made from the real COCO images in /work/shared/realdata by random crops,
+flips and colour jitter, written to a temporary directory.
+
+- pipeline: ``Embedder.embed_images`` on the file paths (decode + preprocess in DataLoader workers,
+  forward, normalise), with the embedder's default thread budget;
+- bare: ``get_image_features`` on the same images decoded and preprocessed beforehand, same batches,
+  same torch threads.
+
+    python bench/bench_embed.py [--images 256] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from nemo_hf.embed import Embedder, ModelIdentity, available_cores
+
+SHARED = Path("/work/shared")
+CLIP = SHARED / "models/clip-vit-base-patch32-notweights"
+
+
+def coco_like_jpegs(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
+    """640x480 JPEGs cut from the real COCO images: random crop, flip, brightness/contrast/colour jitter."""
+    sources = sorted((SHARED / "realdata/images").rglob("*.jpg"))
+    if not sources:
+        raise SystemExit(f"no source images under {SHARED / 'realdata/images'}")
+    rng = random.Random(seed)
+    originals = [Image.open(path).convert("RGB") for path in sources]
+    paths = []
+    for i in range(count):
+        image = originals[i % len(originals)]
+        w, h = image.size
+        scale = rng.uniform(0.55, 1.0)
+        cw, ch = int(w * scale), int(h * scale)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        tile = image.crop((x, y, x + cw, y + ch)).resize((640, 480), Image.BICUBIC)
+        if rng.random() < 0.5:
+            tile = ImageOps.mirror(tile)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            tile = enhance(tile).enhance(rng.uniform(0.75, 1.25))
+        path = out_dir / f"{i:06d}.jpg"
+        tile.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig.from_pretrained(CLIP))
+    embedder = Embedder(
+        model,
+        CLIPImageProcessorPil.from_pretrained(CLIP),
+        AutoTokenizer.from_pretrained(CLIP),
+        ModelIdentity("clip-vit-base-patch32 architecture, random weights"),
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    print(f"{embedder}; cores: {available_cores()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = coco_like_jpegs(Path(tmp), args.images)
+        mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
+        print(f"{len(paths)} JPEGs 640x480, {mean_kb:.0f} KB on average")
+        items = list(enumerate(paths))
+
+        start = time.perf_counter()
+        def preprocess(path: Path) -> torch.Tensor:
+            with Image.open(path) as image:
+                pixels = embedder.image_processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"]
+            return torch.from_numpy(pixels[0])
+
+        pixels = torch.stack([preprocess(p) for p in paths])
+        decode = time.perf_counter() - start
+
+        torch.set_num_threads(embedder.threads)
+        with torch.inference_mode():
+            model.get_image_features(pixel_values=pixels[: args.batch_size])  # warm-up
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(pixels), args.batch_size):
+                model.get_image_features(pixel_values=pixels[i : i + args.batch_size])
+        bare = time.perf_counter() - start
+
+        embedder.embed_images(items[: args.batch_size])  # warm-up
+        start = time.perf_counter()
+        embedded = embedder.embed_images(items)
+        pipeline = time.perf_counter() - start
+        assert embedded.shape == (len(paths), embedder.dim)
+
+    n = len(paths)
+    print(f"decode + preprocess alone (one process): {1000 * decode / n:.1f} ms/image")
+    print(f"bare forward ({embedder.threads} torch threads): {1000 * bare / n:.1f} ms/image")
+    print(
+        f"full pipeline ({embedder.threads} torch threads + {embedder.num_workers} decode worker(s)): "
+        f"{1000 * pipeline / n:.1f} ms/image = {pipeline / bare:.2f}x bare"
+    )
+
+
+if __name__ == "__main__":
+    main()

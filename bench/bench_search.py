@@ -1,0 +1,99 @@
+"""Negative selection at RefCOCO scale against its floor: one dense sentence x image product.
+
+Embeddings are synthetic with the structure that matters to the rule: a component shared by all
+images (CLIP image cosines sit well above 0), images in clusters of varied size and tightness,
+sentences near their own image plus a shared text direction (the modality gap). The i2i filter then
+removes the sentence's cluster-mates, which are its best t2i candidates.
+
+The floor is the blocked float32 product ``text @ image.T`` with numpy BLAS (the full 140k x 20k
+matrix would take 11 GB, so it is computed in blocks and dropped); the selection is
+``nemo_hf.mine.select_negatives`` on the same arrays in the same run, BLAS threads unchanged (all
+cores). Peak memory is the process's peak RSS (``resource.getrusage``), which includes the inputs.
+
+    python bench/bench_search.py [--images 20000] [--sentences 140000] [--dim 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import numpy as np
+
+from nemo_hf.mine import MiningParams, select_negatives
+
+
+def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 0):
+    """Unit float32 (text, text_image_row, image) with clusters, a shared image direction and a modality gap."""
+    rng = np.random.default_rng(seed)
+    shared, text_dir = _unit(rng.standard_normal((2, dim)))
+    n_clusters = max(1, n_images // 50)
+    sizes = rng.zipf(1.6, n_clusters).clip(1, 40 * 50).astype(float)
+    cluster = rng.choice(n_clusters, size=n_images, p=sizes / sizes.sum())
+    centers = _unit(rng.standard_normal((n_clusters, dim)))
+    tightness = rng.uniform(0.35, 0.8, n_clusters)[cluster, None]
+    image = _unit(0.6 * shared + tightness * centers[cluster] + 0.5 * _unit(rng.standard_normal((n_images, dim))))
+    own = rng.integers(0, n_images, n_sentences)
+    text = np.empty((n_sentences, dim), dtype=np.float32)
+    for start in range(0, n_sentences, 16384):
+        part = own[start : start + 16384]
+        noise = _unit(rng.standard_normal((len(part), dim), dtype=np.float32))
+        text[start : start + 16384] = _unit(0.55 * image[part] + 0.6 * text_dir + 0.6 * noise)
+    return text, own, image
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def dense_product_seconds(text: np.ndarray, image: np.ndarray, block: int = 2048) -> float:
+    out = np.empty((block, len(image)), dtype=np.float32)
+    start_time = time.perf_counter()
+    for start in range(0, len(text), block):
+        part = text[start : start + block]
+        np.matmul(part, image.T, out=out[: len(part)])
+    return time.perf_counter() - start_time
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--sentences", type=int, default=140_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--modes", default="i2i,t2i")
+    args = parser.parse_args()
+
+    text, own, image = clustered_embeddings(args.images, args.sentences, args.dim)
+    pool = np.arange(args.images)
+    cores = len(os.sched_getaffinity(0))
+    print(f"{args.sentences} sentences x {args.images} pool images, d={args.dim}; {cores} cores (BLAS: all)")
+    print(f"inputs ready, peak RSS so far {peak_rss_gb():.2f} GB")
+    # The machine may be shared: the floor is taken before and after the selections, and averaged.
+    floor_before = dense_product_seconds(text, image)
+    timings = {}
+    for mode in args.modes.split(","):
+        params = MiningParams(mode=mode)
+        start = time.perf_counter()
+        selection = select_negatives(text, own, image, pool, params)
+        timings[mode] = (time.perf_counter() - start, params, selection, peak_rss_gb())
+    floor_after = dense_product_seconds(text, image)
+    floor = (floor_before + floor_after) / 2
+    print(f"floor (dense product, numpy BLAS, blocked): {floor:.1f} s (before {floor_before:.1f}, after {floor_after:.1f})")
+    for mode, (seconds, params, selection, rss) in timings.items():
+        counts = selection.counts
+        print(
+            f"{mode}: {seconds:.1f} s = {seconds / floor:.2f}x floor | tau {params.tau} -> {selection.tau:.4f} | "
+            f"negatives/sentence min {counts.min()} mean {counts.mean():.1f} | fallback {selection.n_fallback} | "
+            f"peak RSS after it {rss:.2f} GB"
+        )
+
+
+if __name__ == "__main__":
+    main()

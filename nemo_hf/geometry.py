@@ -1,0 +1,198 @@
+"""One piece of geometry for the image, the mask and the box of a tile.
+
+A `Placement` says where a source image of a given size lands in the output. The transforms apply
+the same placement to the pixels (resize + paste), to the mask (nearest-neighbour sampling of the RLE)
+and to the box, so the three can never drift apart.
+
+Conventions: sizes are (width, height), boxes [x, y, w, h] or [x0, y0, x1, y1] in pixels with
+the origin at the top-left corner of the top-left pixel; masks are uint8 arrays of shape (h, w).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+TILE_MODES = ("squash", "letterbox")
+
+
+def grid_cells(output_size: int) -> list[tuple[int, int, int, int]]:
+    """The four cells (x, y, w, h) of a 2x2 grid, row-major: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
+
+    An odd side splits unevenly: the first row/column gets ``output_size // 2`` pixels, the second the
+    rest (417 -> 208 + 209), so the cells tile the output exactly.
+    """
+    if output_size < 2:
+        raise ValueError(f"output_size must be at least 2 for a 2x2 grid, got {output_size}")
+    half = output_size // 2
+    spans = ((0, half), (half, output_size - half))
+    return [(x, y, w, h) for (y, h) in spans for (x, w) in spans]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A source image of size (src_w, src_h) drawn into the content rect (x, y, w, h) of the output."""
+
+    src_w: int
+    src_h: int
+    x: int
+    y: int
+    w: int
+    h: int
+
+    @classmethod
+    def fit(cls, src_size: Sequence[int], cell: Sequence[int], tile: str = "squash") -> "Placement":
+        """Place a source into a cell (x, y, w, h).
+
+        ``squash`` fills the cell and loses the aspect ratio (the NeMo paper's tiles); ``letterbox``
+        keeps it, centring the scaled image in the cell (the rest is padding).
+        """
+        src_w, src_h = (int(v) for v in src_size)
+        cx, cy, cw, ch = (int(v) for v in cell)
+        if src_w < 1 or src_h < 1:
+            raise ValueError(f"empty source image of size {src_w}x{src_h}")
+        if tile == "squash":
+            return cls(src_w, src_h, cx, cy, cw, ch)
+        if tile == "letterbox":
+            scale = min(cw / src_w, ch / src_h)
+            w = min(cw, max(1, round(src_w * scale)))
+            h = min(ch, max(1, round(src_h * scale)))
+            return cls(src_w, src_h, cx + (cw - w) // 2, cy + (ch - h) // 2, w, h)
+        raise ValueError(f"unknown tile mode {tile!r}; expected one of {TILE_MODES}")
+
+    @property
+    def scale_x(self) -> float:
+        return self.w / self.src_w
+
+    @property
+    def scale_y(self) -> float:
+        return self.h / self.src_h
+
+    @property
+    def content_box(self) -> tuple[int, int, int, int]:
+        """Where the image sits in the output, [x0, y0, x1, y1] (x1, y1 exclusive)."""
+        return (self.x, self.y, self.x + self.w, self.y + self.h)
+
+    def source_rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each content pixel row/column, the source row/column its centre falls in (nearest neighbour)."""
+        rows = ((np.arange(self.h) + 0.5) * (self.src_h / self.h)).astype(np.intp)
+        cols = ((np.arange(self.w) + 0.5) * (self.src_w / self.w)).astype(np.intp)
+        return np.minimum(rows, self.src_h - 1), np.minimum(cols, self.src_w - 1)
+
+    def place_image(self, image: Image.Image, canvas: Image.Image, resample: int = Image.Resampling.BILINEAR) -> None:
+        """Resize ``image`` (the whole source, possibly decoded at a reduced scale) to the content rect and paste it."""
+        if image.size != (self.w, self.h):
+            image = image.resize((self.w, self.h), resample)
+        canvas.paste(image, (self.x, self.y))
+
+    def place_mask(self, rle: dict, canvas: np.ndarray) -> np.ndarray:
+        """Sample the source RLE at the content resolution, write it into ``canvas``; return the content-sized mask."""
+        if [int(v) for v in rle["size"]] != [self.src_h, self.src_w]:
+            size = [self.src_h, self.src_w]
+            raise ValueError(f"mask size {list(rle['size'])} (h, w) does not match the image size {size}")
+        rows, cols = self.source_rows_cols()
+        mask = rle_sample(rle, rows, cols)
+        canvas[self.y : self.y + self.h, self.x : self.x + self.w] = mask
+        return mask
+
+    def map_box(self, bbox: Sequence[float]) -> list[float]:
+        """Map a source box [x, y, w, h] to output pixels, clipped to the content rect."""
+        x0, y0, bw, bh = (float(v) for v in bbox)
+        x0_out = min(max(self.x + x0 * self.scale_x, self.x), self.x + self.w)
+        y0_out = min(max(self.y + y0 * self.scale_y, self.y), self.y + self.h)
+        x1_out = min(max(self.x + (x0 + bw) * self.scale_x, self.x), self.x + self.w)
+        y1_out = min(max(self.y + (y0 + bh) * self.scale_y, self.y), self.y + self.h)
+        return [x0_out, y0_out, x1_out - x0_out, y1_out - y0_out]
+
+
+def mask_box(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[float] | None:
+    """Tight box [x, y, w, h] around the non-zero pixels (pixel edges, so a single pixel is 1x1), or None if empty."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    if cols.size == 0:
+        return None
+    rows = np.flatnonzero(mask.any(axis=1))
+    x0, y0 = int(cols[0]) + offset[0], int(rows[0]) + offset[1]
+    return [float(x0), float(y0), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
+
+
+def rle_runs(counts: str | bytes | Sequence[int]) -> np.ndarray:
+    """Run lengths of a COCO RLE (column-major, starting with a run of zeros), compressed string or plain list.
+
+    Vectorised port of pycocotools' ``rleFrString``: 5-bit groups offset by 48, bit 0x20 continues a
+    number, bit 0x10 of its last group is the sign, and from the fourth number on each is stored as
+    the difference to the number two places before.
+    """
+    if not isinstance(counts, (str, bytes)):
+        return np.asarray(counts, dtype=np.int64)
+    raw = counts.encode("ascii") if isinstance(counts, str) else counts
+    chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    if chars.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.flatnonzero((chars & 0x20) == 0)
+    if ends.size == 0 or ends[-1] != chars.size - 1:
+        raise ValueError("truncated RLE counts string")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    shift = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((chars & 0x1F) << shift, starts)
+    values = np.where((chars[ends] & 0x10) != 0, values - (1 << (5 * lengths)), values)
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    return runs
+
+
+def rle_sample(rle: dict, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``decode(rle)[np.ix_(rows, cols)]`` without decoding the full-size mask.
+
+    ``rows`` and ``cols`` must be non-decreasing (nearest-neighbour indices are). Each run boundary is
+    located among the sampled pixels (in column-major order), then the runs are expanded at the
+    sampled resolution only. The result may be a transposed (column-major) view.
+    """
+    h, w = (int(v) for v in rle["size"])
+    runs = rle_runs(rle["counts"])
+    bounds = np.cumsum(runs)
+    if bounds.size == 0 or bounds[-1] != h * w:
+        raise ValueError(f"RLE counts sum to {int(bounds[-1]) if bounds.size else 0}, expected h*w = {h * w}")
+    rows = np.asarray(rows, dtype=np.intp)
+    cols = np.asarray(cols, dtype=np.intp)
+    upsampled = cols.size > 1 and not bool((cols[1:] > cols[:-1]).all())
+    unique_cols, expand = np.unique(cols, return_inverse=True) if upsampled else (cols, None)
+    col_of, row_of = np.divmod(bounds, h)
+    cols_before = np.searchsorted(unique_cols, col_of, side="left")
+    sampled_col = unique_cols[np.minimum(cols_before, unique_cols.size - 1)] == col_of
+    rows_before = np.where(sampled_col, np.searchsorted(rows, row_of, side="left"), 0)
+    points_before = cols_before * rows.size + rows_before
+    run_lengths = np.diff(points_before, prepend=0)
+    values = (np.arange(runs.size) & 1).astype(np.uint8)
+    flat = np.repeat(values, run_lengths)
+    sampled = flat.reshape(unique_cols.size, rows.size).T
+    return sampled[:, expand] if upsampled else sampled
+
+
+def prediction_to_original(
+    pred, orig_size: Sequence[int], content_box: Sequence[float], output_size: int
+) -> np.ndarray:
+    """Map a prediction over the whole output (any resolution: mask or logits) back to the original image.
+
+    ``pred`` is a 2-D array (or anything ``np.asarray`` takes, e.g. a CPU tensor) covering the
+    ``output_size`` square; ``orig_size`` is [h, w] and ``content_box`` [x0, y0, x1, y1] from the eval
+    transform's row. Floats (logits, probabilities) are resampled bilinearly and come back float32,
+    so threshold after mapping; integers and booleans (masks, labels) by nearest neighbour, uint8.
+    """
+    pred = np.asarray(pred)
+    if pred.ndim != 2:
+        raise ValueError(f"prediction must be 2-D (h, w), got shape {pred.shape}")
+    pred_h, pred_w = pred.shape
+    sx, sy = pred_w / output_size, pred_h / output_size
+    x0, y0, x1, y1 = (float(v) for v in content_box)
+    box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    orig_h, orig_w = (int(v) for v in orig_size)
+    if np.issubdtype(pred.dtype, np.floating):
+        image = Image.fromarray(pred.astype(np.float32), mode="F")
+        return np.asarray(image.resize((orig_w, orig_h), Image.Resampling.BILINEAR, box=box))
+    image = Image.fromarray(pred.astype(np.uint8), mode="L")
+    return np.asarray(image.resize((orig_w, orig_h), Image.Resampling.NEAREST, box=box))

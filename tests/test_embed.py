@@ -1,0 +1,199 @@
+"""Embeddings with a tiny randomly initialised CLIP: shapes, invariances, the on-disk cache, errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nemo_hf.embed import Embedder, ModelLoadError, checkpoint_identity, demo_embedder
+
+SHARED_CLIP = Path("/work/shared/models/clip-vit-base-patch32-notweights")
+needs_clip_files = pytest.mark.skipif(
+    not (SHARED_CLIP / "tokenizer.json").exists(),
+    reason=f"the CLIP tokenizer and image processor files are expected in {SHARED_CLIP}",
+)
+
+
+def tiny_clip(seed: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**layer, "vocab_size": 49408, "max_position_embeddings": 77, "eos_token_id": 49407},
+        vision_config={**layer, "image_size": 224, "patch_size": 32},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(config)
+
+
+def make_embedder(seed: int = 0, **kwargs) -> Embedder:
+    from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+    kwargs = {"progress": False, "num_workers": 0, "batch_size": 2, **kwargs}
+    image_processor = CLIPImageProcessorPil.from_pretrained(SHARED_CLIP)
+    return Embedder(tiny_clip(seed), image_processor, AutoTokenizer.from_pretrained(SHARED_CLIP), **kwargs)
+
+
+class ForwardCounter:
+    """Counts real forward passes of a submodule (a hook, the model itself runs)."""
+
+    def __init__(self, module: torch.nn.Module, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+
+
+def jpeg(seed: int, size=(64, 48)) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    colour = rng.uniform(0, 255, 3)
+    pixels = np.clip(colour + 70 * np.sin(x / (4 + seed) + y / 7)[..., None], 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+IMAGES = [(i, jpeg(i)) for i in range(7)]
+SENTENCES = ["man on the left", "red car", "the dog", "a woman holding an umbrella", "x"]
+TEXTS = [(100 + i, text) for i, text in enumerate(SENTENCES)]
+
+
+@needs_clip_files
+def test_shapes_normalisation_and_sources(tmp_path):
+    embedder = make_embedder()
+    (tmp_path / "3.jpg").write_bytes(IMAGES[3][1])
+    images = [(i, tmp_path / "3.jpg" if i == 3 else data) for i, data in IMAGES]
+    emb = embedder.embed_images(images)
+    assert emb.shape == (7, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(emb[3], embedder.embed_images([IMAGES[3]])[0], atol=1e-6)  # path == bytes
+    text = embedder.embed_texts(TEXTS)
+    assert text.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=1e-6)
+    assert embedder.embed_texts([]).shape == (0, 16)
+
+
+@needs_clip_files
+def test_batch_size_and_order_invariance():
+    one, five = make_embedder(batch_size=1), make_embedder(batch_size=5)
+    np.testing.assert_allclose(one.embed_images(IMAGES), five.embed_images(IMAGES), atol=1e-5)
+    np.testing.assert_allclose(one.embed_texts(TEXTS), five.embed_texts(TEXTS), atol=1e-5)
+    shuffled = TEXTS[::-1]
+    np.testing.assert_allclose(five.embed_texts(shuffled), five.embed_texts(TEXTS)[::-1], atol=1e-5)
+
+
+@needs_clip_files
+def test_decode_workers_give_the_same_embeddings():
+    inline = make_embedder(num_workers=0).embed_images(IMAGES)
+    np.testing.assert_allclose(make_embedder(num_workers=1).embed_images(IMAGES), inline, atol=1e-6)
+
+
+@needs_clip_files
+def test_cache_hit_computes_nothing(tmp_path):
+    embedder = make_embedder()
+    vision, text = ForwardCounter(embedder.model.vision_model), ForwardCounter(embedder.model.text_model)
+    first = embedder.embed_images(IMAGES, cache_dir=tmp_path), embedder.embed_texts(TEXTS, cache_dir=tmp_path)
+    assert (vision.calls, text.calls) == (4, 3)
+    second = embedder.embed_images(IMAGES, cache_dir=tmp_path), embedder.embed_texts(TEXTS, cache_dir=tmp_path)
+    assert (vision.calls, text.calls) == (4, 3)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    # a subset and a new image: only the new one is computed
+    embedder.embed_images(IMAGES[:2] + [(99, jpeg(99))], cache_dir=tmp_path)
+    assert vision.calls == 5
+
+
+@needs_clip_files
+def test_changed_sentence_is_not_served_stale(tmp_path):
+    embedder = make_embedder()
+    counter = ForwardCounter(embedder.model.text_model)
+    before = embedder.embed_texts([(1, "the red car")], cache_dir=tmp_path)
+    after = embedder.embed_texts([(1, "the blue bus")], cache_dir=tmp_path)
+    assert counter.calls == 2 and not np.allclose(before, after)
+
+
+@needs_clip_files
+def test_resume_after_interruption(tmp_path):
+    reference = make_embedder().embed_images(IMAGES)
+    embedder = make_embedder(cache_chunk=2)
+    counter = ForwardCounter(embedder.model.vision_model, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        embedder.embed_images(IMAGES, cache_dir=tmp_path)
+    assert counter.calls == 2  # two batches of two done, then the run stopped
+    counter.fail_after = None
+    resumed = embedder.embed_images(IMAGES, cache_dir=tmp_path)
+    assert counter.calls == 4  # only the three images left, in two batches
+    np.testing.assert_allclose(resumed, reference, atol=1e-6)
+
+
+@needs_clip_files
+def test_unreadable_chunk_is_recomputed(tmp_path):
+    embedder = make_embedder(cache_chunk=3)
+    reference = embedder.embed_images(IMAGES, cache_dir=tmp_path)
+    chunk = sorted(tmp_path.rglob("chunk-*.npz"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])  # a write cut short
+    counter = ForwardCounter(embedder.model.vision_model)
+    with pytest.warns(UserWarning, match="unreadable chunk"):
+        again = embedder.embed_images(IMAGES, cache_dir=tmp_path)
+    assert counter.calls >= 1 and not chunk.exists()
+    np.testing.assert_allclose(again, reference, atol=1e-6)
+
+
+@needs_clip_files
+def test_cache_key_follows_the_weights(tmp_path):
+    from transformers import CLIPImageProcessorPil, CLIPProcessor, AutoTokenizer
+
+    first, other = make_embedder(seed=0), make_embedder(seed=1)
+    assert first.cache_key("image") != other.cache_key("image")
+    first.embed_images(IMAGES, cache_dir=tmp_path)
+    counter = ForwardCounter(other.model.vision_model)
+    other.embed_images(IMAGES, cache_dir=tmp_path)
+    assert counter.calls == 4  # nothing served from the first model's cache
+
+    image_processor = CLIPImageProcessorPil.from_pretrained(SHARED_CLIP)
+    processor = CLIPProcessor(image_processor, AutoTokenizer.from_pretrained(SHARED_CLIP))
+    checkpoint = tmp_path / "clip"
+    tiny_clip(0).save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    loaded = Embedder.from_pretrained(checkpoint, progress=False, num_workers=0)
+    assert loaded.identity.model_id == str(checkpoint.resolve()) and loaded.identity.checkpoint_sha256
+    np.testing.assert_allclose(loaded.embed_texts(TEXTS), first.embed_texts(TEXTS), atol=1e-6)
+    tiny_clip(1).save_pretrained(checkpoint)
+    assert checkpoint_identity(checkpoint).checkpoint_sha256 != loaded.identity.checkpoint_sha256
+
+
+def test_unloadable_model_says_what_to_do():
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE") as err:
+        Embedder.from_pretrained("/no/such/checkpoint")
+    assert "--model /path/to/clip" in str(err.value)
+
+
+@needs_clip_files
+def test_bad_image_is_named():
+    with pytest.raises(ValueError, match="image 42: cannot decode"):
+        make_embedder().embed_images([(1, IMAGES[1][1]), (42, b"not a jpeg")])
+
+
+def test_demo_embedder_is_deterministic_and_loud():
+    with pytest.warns(UserWarning, match="MEANINGLESS"):
+        a = demo_embedder(seed=0, progress=False, num_workers=0)
+    with pytest.warns(UserWarning):
+        b = demo_embedder(seed=0, progress=False, num_workers=0)
+        c = demo_embedder(seed=1, progress=False, num_workers=0)
+    assert a.identity == b.identity != c.identity
+    np.testing.assert_array_equal(a.embed_texts(TEXTS), b.embed_texts(TEXTS))
+    np.testing.assert_array_equal(a.embed_images(IMAGES[:2]), b.embed_images(IMAGES[:2]))
+    assert not np.allclose(a.embed_texts(TEXTS), c.embed_texts(TEXTS))
+    tokens = a.tokenizer("The man on the LEFT")["input_ids"]
+    assert tokens[0] == a.tokenizer.bos_token_id and tokens[-1] == a.tokenizer.eos_token_id
+    assert a.tokenizer.unk_token_id not in tokens

@@ -1,0 +1,250 @@
+"""The NeMo selection rule: hand-made cases with known answers, and the fast search against brute force."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nemo_hf.mine import MiningParams, mine_refs, resolve_tau, select_negatives
+
+
+def unit(*rows) -> np.ndarray:
+    x = np.asarray(rows, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# One sentence t = e1 whose own image (row 0) is e2. For the other rows:
+#   row   t2i    i2i (to row 0)
+#   1     0.981  0.196
+#   2     0.707  0.707
+#   3     0.894  0
+#   4     0.447  0.894
+#   5     0.555  0
+#   6    -1      0
+# t2i ranking without the own image: 1, 3, 2, 5, 4, 6.
+IMAGES = unit([0, 1, 0], [1, 0.2, 0], [1, 1, 0], [1, 0, 0.5], [1, 2, 0], [1, 0, 1.5], [-1, 0, 0])
+TEXT = unit([1, 0, 0])
+OWN = np.array([0])
+ALL = np.arange(len(IMAGES))
+
+
+def chosen(selection, i=0) -> list[int]:
+    return selection.negatives(i)[0].tolist()
+
+
+def test_i2i_drops_images_like_the_target_and_keeps_top_k():
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=0.5, top_k=3))
+    assert chosen(sel) == [1, 3, 5]
+    assert not sel.fallback[0]
+    np.testing.assert_allclose(sel.negatives(0)[1], [0.9806, 0.8944, 0.5547], atol=1e-4)
+
+
+def test_top_k_cut_and_no_filter():
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=1.0, top_k=2))
+    assert chosen(sel) == [1, 3]
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=1.0, top_k=10))
+    assert chosen(sel) == [1, 3, 2, 5, 4, 6]  # the whole pool but the own image, best first
+
+
+def test_t2i_drops_images_too_close_to_the_sentence():
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=0.9, top_k=3, mode="t2i"))
+    assert chosen(sel) == [3, 2, 5]
+
+
+def test_fallback_takes_the_least_similar_and_is_flagged():
+    # every i2i similarity is >= 0 > tau: nothing survives, so the last 3 of the ranked list
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=-0.1, top_k=3))
+    assert chosen(sel) == [5, 4, 6] and sel.fallback[0] and sel.n_fallback == 1
+
+
+def test_few_survivors_are_kept_without_fallback():
+    # only row 6 (t2i exactly -1) is not above tau=-1
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=-1.0, top_k=3, mode="t2i"))
+    assert chosen(sel) == [6] and not sel.fallback[0]
+    sel = select_negatives(TEXT, OWN, IMAGES, ALL[:-1], MiningParams(tau=-1.0, top_k=3, mode="t2i"))
+    assert chosen(sel) == [2, 5, 4] and sel.fallback[0]
+
+
+def test_pool_restriction_and_own_image_outside_the_pool():
+    pool = np.array([2, 3, 4, 5, 6])  # neither row 1 nor the own image
+    sel = select_negatives(TEXT, OWN, IMAGES, pool, MiningParams(tau=0.5, top_k=3))
+    assert chosen(sel) == [3, 5, 6]
+    assert 0 not in chosen(select_negatives(TEXT, OWN, IMAGES, ALL, MiningParams(tau=1.0, top_k=10)))
+
+
+def test_ties_go_to_the_lower_row():
+    images = np.concatenate([IMAGES, IMAGES[[3, 1]]])  # rows 7, 8 duplicate rows 3, 1
+    sel = select_negatives(TEXT, OWN, images, np.arange(len(images)), MiningParams(tau=0.5, top_k=4))
+    assert chosen(sel) == [1, 8, 3, 7]
+
+
+def test_percentile_tau_is_the_percentile_of_the_filtered_similarity():
+    rng = np.random.default_rng(0)
+    images = unit(*rng.standard_normal((30, 8)))
+    text = unit(*rng.standard_normal((12, 8)))
+    own = rng.integers(0, 30, 12)
+    pool = np.arange(30)
+    # a sample of 40 x 40 pairs covers the 30 x 30 grid: the estimate is exact
+    pairs = images.astype(np.float64) @ images.astype(np.float64).T
+    expected = np.float32(np.percentile(pairs[~np.eye(30, dtype=bool)], 90))
+    assert resolve_tau(MiningParams(tau="p90", sample_pairs=1600), text, own, images, pool) == expected
+    t2i = text.astype(np.float64) @ images.astype(np.float64).T
+    expected = np.float32(np.percentile(t2i[np.arange(30)[None, :] != own[:, None]], 75))
+    assert resolve_tau(MiningParams(tau="p75", mode="t2i", sample_pairs=1600), text, own, images, pool) == expected
+    # a smaller sample is seeded: same seed, same tau
+    small = MiningParams(tau="p90", sample_pairs=100, seed=3)
+    assert resolve_tau(small, text, own, images, pool) == resolve_tau(small, text, own, images, pool)
+    selection = select_negatives(text, own, images, pool, MiningParams(tau="p90", sample_pairs=1600))
+    assert selection.tau == float(np.float32(np.percentile(pairs[~np.eye(30, dtype=bool)], 90)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tau": "p0"}, "percentile"),
+        ({"tau": "p100.5"}, "percentile"),
+        ({"tau": "99"}, "percentile"),
+        ({"tau": 1.5}, r"\[-1, 1\]"),
+        ({"tau": True}, r"\[-1, 1\]"),
+        ({"top_k": 0}, "top_k"),
+        ({"mode": "x2y"}, "mode"),
+        ({"index": "lsh"}, "index"),
+        ({"sample_pairs": 10}, "sample_pairs"),
+    ],
+)
+def test_params_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MiningParams(**kwargs)
+
+
+def test_inputs_are_validated():
+    with pytest.raises(ValueError, match="row 0 has norm"):
+        select_negatives(TEXT * 2, OWN, IMAGES, ALL)
+    with pytest.raises(ValueError, match="text_image_row"):
+        select_negatives(TEXT, np.array([7]), IMAGES, ALL)
+    with pytest.raises(ValueError, match="more than once"):
+        select_negatives(TEXT, OWN, IMAGES, np.array([1, 1, 2]))
+    with pytest.raises(ValueError, match="dims"):
+        select_negatives(unit([1, 0]), OWN, IMAGES, ALL)
+
+
+def brute_force(text, own, images, pool, tau, k, mode):
+    """The rule spelled out: float64 dot products rounded to float32, ties by row."""
+    t2i = (text.astype(np.float64) @ images.astype(np.float64).T).astype(np.float32)
+    i2i = (images.astype(np.float64) @ images.astype(np.float64).T).astype(np.float32)
+    out = []
+    for i in range(len(text)):
+        candidates = pool[pool != own[i]]
+        ranked = candidates[np.lexsort((candidates, -t2i[i, candidates]))]
+        dropped = (i2i[own[i], ranked] if mode == "i2i" else t2i[i, ranked]) > tau
+        survivors = ranked[~dropped]
+        out.append((survivors[:k], False) if len(survivors) else (ranked[-k:], True))
+    return out, t2i
+
+
+def clustered(rng, n_images, n_sentences, dim, n_clusters, duplicates=0):
+    """Unit embeddings in clusters, sentences near their own image; ``duplicates`` images repeated exactly."""
+    centers = unit(*rng.standard_normal((n_clusters, dim)))
+    noise = rng.standard_normal((n_images, dim)) / np.sqrt(dim)
+    images = centers[rng.integers(0, n_clusters, n_images)] + 0.6 * noise
+    images[n_images - duplicates :] = images[:duplicates]
+    images = unit(*images)
+    own = rng.integers(0, n_images, n_sentences)
+    text = unit(*(images[own] + rng.standard_normal((n_sentences, dim)) / np.sqrt(dim)))
+    return text, own, images
+
+
+@pytest.mark.parametrize("mode", ["i2i", "t2i"])
+@pytest.mark.parametrize("tau", ["p50", "p95", "p99.9", -0.9])
+def test_exact_search_equals_brute_force(mode, tau):
+    rng = np.random.default_rng(7)
+    text, own, images = clustered(rng, 500, 240, 24, 12, duplicates=40)
+    pool = np.sort(rng.choice(500, 420, replace=False))
+    params = MiningParams(tau=tau, top_k=9, mode=mode, sample_pairs=20_000)
+    sel = select_negatives(text, own, images, pool, params)
+    expected, t2i = brute_force(text, own, images, pool, sel.tau, 9, mode)
+    for i, (rows, fallback) in enumerate(expected):
+        got, scores = sel.negatives(i)
+        assert got.tolist() == rows.tolist(), f"sentence {i}"
+        assert sel.fallback[i] == fallback
+        np.testing.assert_allclose(scores, t2i[i, got], atol=24 * 6.1e-8)
+    assert select_negatives(text, own, images, pool, params, threads=1).rows.tolist() == sel.rows.tolist()
+
+
+def test_exact_search_on_dense_scores_where_float32_cannot_order():
+    # many candidates within float32 rounding of each other: the order rests on the exact scores
+    rng = np.random.default_rng(1)
+    base = unit(rng.standard_normal(64))[0]
+    images = unit(*(base + 1e-4 * rng.standard_normal((300, 64))))
+    text = unit(*(base + 1e-4 * rng.standard_normal((20, 64))))
+    own = rng.integers(0, 300, 20)
+    for mode in ("i2i", "t2i"):
+        sel = select_negatives(text, own, images, np.arange(300), MiningParams(tau="p60", top_k=12, mode=mode))
+        expected, _ = brute_force(text, own, images, np.arange(300), sel.tau, 12, mode)
+        assert [chosen(sel, i) for i in range(20)] == [rows.tolist() for rows, _ in expected]
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_indexes_recall(index):
+    rng = np.random.default_rng(3)
+    text, own, images = clustered(rng, 4000, 200, 48, 60)
+    pool = np.arange(4000)
+    exact = select_negatives(text, own, images, pool, MiningParams(top_k=20))
+    approx = select_negatives(text, own, images, pool, MiningParams(top_k=20, index=index))
+    recall = np.mean([len(np.intersect1d(exact.negatives(i)[0], approx.negatives(i)[0])) / 20 for i in range(200)])
+    assert recall >= 0.9
+    assert approx.tau == exact.tau and (approx.counts == 20).all()
+    own_picked = [own[i] in approx.negatives(i)[0] for i in range(200)]
+    assert not any(own_picked)
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:48, 0:64]
+    colour = rng.uniform(0, 255, 3)
+    pixels = np.clip(colour + 60 * np.sin(x / (5 + seed) + y / 9)[..., None], 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_mine_refs_columns_and_provenance(tmp_path):
+    from nemo_hf.embed import demo_embedder
+
+    with pytest.warns(UserWarning, match="MEANINGLESS"):
+        embedder = demo_embedder(progress=False, num_workers=0)
+    files = {image_id: _jpeg(image_id) for image_id in range(1, 13)}
+    path = tmp_path / "12.jpg"
+    path.write_bytes(files.pop(12))
+    files[12] = path  # paths and bytes both work
+    refs = [
+        {"ref_id": 7, "image_id": 1, "sentences": [{"sent_id": 70, "sent": "man on the left"}]},
+        {
+            "ref_id": 8,
+            "image_id": 12,
+            "sentences": [{"sent_id": 80, "sent": "red car"}, {"sent_id": 81, "sent": "car"}],
+        },
+    ]
+    pool = list(range(1, 12))  # image 12 lies outside the pool, as with google splits
+    params = MiningParams(tau="p90", top_k=4, sample_pairs=400)
+    columns, provenance = mine_refs(refs, files, pool, embedder, params, cache_dir=tmp_path / "cache")
+    assert set(columns) == {7, 8}
+    negatives, scores, fallback = columns[8]
+    assert len(negatives) == len(scores) == len(fallback) == 2
+    assert all(set(n) <= set(pool) and 12 not in n and len(n) == len(s) for n, s in zip(negatives, scores))
+    assert 1 not in columns[7].negatives[0]
+    assert all(a >= b for s in scores for a, b in zip(s, s[1:]))  # best first
+    assert provenance["model"]["model_id"] == "nemo_hf-demo-clip-seed0"
+    assert provenance["embedding_dtype"] == "torch.float32" and provenance["image_preprocessing_sha256"]
+    assert provenance["tau"] == "p90" and -1 <= provenance["tau_cosine"] <= 1
+    assert (provenance["pool_size"], provenance["sentences"], provenance["top_k"]) == (11, 3, 4)
+    assert provenance["fallback_sentences"] == sum(f for _, _, fs in columns.values() for f in fs)
+    again, _ = mine_refs(refs, files, pool, embedder, params, cache_dir=tmp_path / "cache")
+    assert again == columns
+    with pytest.raises(KeyError, match="image id 12"):
+        mine_refs(refs, {k: v for k, v in files.items() if k != 12}, pool, embedder, params)
+    with pytest.raises(ValueError, match="ref 7 appears twice"):
+        mine_refs(refs + refs[:1], files, pool, embedder, params)

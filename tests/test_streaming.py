@@ -1,0 +1,57 @@
+"""Streaming: a built folder read with ``streaming=True`` plus the mosaic, and sharding across ranks."""
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from nemo_hf.folder import build_folder
+from nemo_hf.mosaic import NeMoMosaic
+from nemo_hf.synthetic import make_refer_source
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stream")
+    source = make_refer_source(tmp / "src", n_images=16, seed=1, datasets=("refcoco",))
+    return build_folder(source, tmp / "out", ["refcoco_unc"], mining=None)
+
+
+def _by_ref(samples):
+    return {ref: (img.tobytes(), mask.tobytes(), quadrant) for ref, img, mask, quadrant in samples}
+
+
+def test_streamed_mosaics_equal_map_style_ones(folder):
+    images = load_dataset(str(folder), "images", split="train")  # local, memory-mapped: random access
+    mosaic = NeMoMosaic(images, output_size=96, config="refcoco_unc", p={"random": 1.0}, seed=5, return_arrays=True)
+
+    stream = load_dataset(str(folder), "refcoco_unc", split="train", streaming=True)
+    streamed = [
+        (row["ref_id"], row["image"], row["mask"], row["target_quadrant"])
+        for row in stream.map(mosaic, batched=True, batch_size=4, remove_columns=list(stream.column_names))
+    ]
+    table = load_dataset(str(folder), "refcoco_unc", split="train")
+    table.set_transform(mosaic)
+    mapped = [(r["ref_id"], r["image"], r["mask"], r["target_quadrant"]) for r in table]
+    assert len(streamed) == len(mapped) == len(table)
+    assert _by_ref(streamed) == _by_ref(mapped)
+    assert all(len(r["tile_image_ids"]) == 4 for r in table)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_by_node_gives_disjoint_complete_shares(folder, world_size):
+    def share(rank, seed):
+        ds = load_dataset(str(folder), "refcoco_unc", split="train", streaming=True)
+        ds = ds.shuffle(seed=seed, buffer_size=8)
+        return [row["ref_id"] for row in split_dataset_by_node(ds, rank=rank, world_size=world_size)]
+
+    every = sorted(load_dataset(str(folder), "refcoco_unc", split="train")["ref_id"])
+    shares = [share(rank, seed=7) for rank in range(world_size)]
+    assert sorted(np.concatenate(shares).tolist()) == every
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not set(shares[a]) & set(shares[b])
+    assert shares[0] != sorted(shares[0])  # it was shuffled
+    # ranks that shuffle with different seeds (an unseeded shuffle) overlap and miss rows
+    unseeded = [share(rank, seed=100 + rank) for rank in range(world_size)]
+    assert sorted(np.concatenate(unseeded).tolist()) != every
