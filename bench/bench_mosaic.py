@@ -1,6 +1,6 @@
 """How fast is a NeMo mosaic? The transform against a naive render and against the JPEG-decoding floor.
 
-On COCO-sized photos (640x480 JPEGs of 60-160 KB derived from /work/shared/realdata by crops, flips
+On COCO-sized photos (640x480 JPEGs of 60-160 KB derived from ../shared/realdata by crops, flips
 and colour jitter), output 480 (tiles 240), retrieval mode, in one process and one thread:
 
   (a) NeMoMosaic: DCT-scaled decode, resize, paste; the target mask sampled from its RLE at tile size
@@ -30,7 +30,7 @@ import simplejpeg
 from PIL import Image, ImageEnhance, ImageOps
 from pycocotools import mask as mask_utils
 
-REALDATA = Path("/work/shared/realdata/images")
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "images"  # ../shared beside the checkout
 SIZE = (640, 480)
 
 

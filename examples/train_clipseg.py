@@ -16,7 +16,7 @@ from datasets import load_dataset
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor, TrainingArguments, set_seed
 
 from nemo_hf.mosaic import EvalTransform, MosaicEpochCallback, NeMoMosaic, explode_sentences
-from nemo_hf.training import KeepOriginalMask, RISTrainer, tiny_random_clipseg
+from nemo_hf.training import RISTrainer, tiny_random_clipseg
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     mosaic = NeMoMosaic(images, output_size=size, config=args.config, seed=args.seed)
     train.set_transform(mosaic)
     evaluation = explode_sentences(refs[args.eval_split])  # every sentence of every ref
-    evaluation.set_transform(KeepOriginalMask(EvalTransform(images, output_size=size)))
+    evaluation.set_transform(EvalTransform(images, output_size=size))
 
     trainer = RISTrainer(
         model=model,

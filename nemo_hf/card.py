@@ -72,20 +72,33 @@ def _skipped_text(report) -> str:
 
 
 def _mining_text(report) -> str:
-    lines = []
+    rows = ["| config | model | revision / weights | tau (as given -> cosine) | K | mode | index | pool images | sentences | fallbacks |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    demo = False
     for name, entry in report.configs.items():
         prov = entry.get("mining")
         if name == IMAGES_CONFIG:
             continue
         if not prov:
-            lines.append(f"- `{name}`: not mined (negative columns are empty lists).")
+            rows.append(f"| {name} | not mined: negative columns are empty lists | | | | | | | | |")
             continue
-        lines.append(f"- `{name}`: " + ", ".join(f"{k} = `{v}`" for k, v in sorted(prov.items())))
+        model = prov["model"]
+        demo |= model["model_id"].startswith("nemo_hf-demo")
+        weights = model.get("revision") or f"sha256 {str(model.get('checkpoint_sha256'))[:12]}"
+        rows.append(
+            f"| {name} | `{model['model_id']}` | {weights} | {prov['tau']} -> {prov['tau_cosine']:.4f} | {prov['top_k']} "
+            f"| {prov['mode']} | {prov['index']} | {prov['pool_size']:,} | {prov['sentences']:,} | {prov['fallback_sentences']:,} |"
+        )
+    warning = (
+        "\n\n**Demo build: the negatives were mined with a randomly initialised CLIP and are meaningless.**"
+        if demo else ""
+    )
     return (
         "For each training expression, candidate images of the training pool (own image excluded) are ranked by\n"
         "text-to-image similarity; candidates too similar to the target (above tau) are dropped as likely false\n"
-        "negatives; the first K survivors form the pool (`nemo_hf.mine`). The same provenance is stored in each\n"
-        "refs shard's Arrow schema metadata (key `nemo_hf`).\n\n" + "\n".join(lines)
+        "negatives; the first K survivors form the pool (`nemo_hf.mine`). The full provenance (nemo_hf version,\n"
+        "preprocessing hashes, seeds) is in `nemo_hf.json` and in each refs shard's Arrow schema metadata (key `nemo_hf`).\n\n"
+        + "\n".join(rows) + warning
     )
 
 

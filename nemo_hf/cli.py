@@ -11,8 +11,6 @@ from pathlib import Path
 from .refer import ReferFormatError
 from .schema import config_name
 
-DEMO_MODEL = "demo-random"  # the builder's randomly initialised CLIP, for the offline demo only
-
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 
 
@@ -33,6 +31,8 @@ def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
 
 
 def cmd_build(args) -> int:
+    from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
+
     from .folder import MiningOptions, build_folder
 
     mining = None if args.no_mining else MiningOptions(
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ReferFormatError, ValueError, FileNotFoundError) as err:
+    except (ReferFormatError, ValueError, OSError) as err:  # ModelLoadError is an OSError
         print(f"nemo-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

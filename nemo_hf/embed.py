@@ -32,7 +32,7 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(OSError):
     """The embedding model could not be loaded; the message says how to point at one."""
 
 

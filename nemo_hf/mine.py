@@ -402,14 +402,21 @@ class _ExactSearch:
         # Sentences of the same image together, so a block needs few image-image rows.
         order = sentences[np.argsort(self.pb.own_rows[sentences], kind="stable")]
         # Products land in buffers reused across blocks: fresh 100 MB arrays would cost page faults.
+        # Two sets, so the next block's products run while this block's sentences are decided.
         shape = (min(self.block_rows, len(order)), len(self.pb.pool))
-        buffers = [np.empty(shape, dtype=np.float32) for _ in range(1 + (self.pb.mode == "i2i"))]
+        buffers = [[np.empty(shape, dtype=np.float32) for _ in range(1 + (self.pb.mode == "i2i"))] for _ in "ab"]
+        pending: list = []
         with ThreadPoolExecutor(self.threads) as workers:
-            for start in range(0, len(order), self.block_rows):
-                self._block(order[start : start + self.block_rows], result, workers, buffers)
+            for number, start in enumerate(range(0, len(order), self.block_rows)):
+                started = self._block(order[start : start + self.block_rows], result, workers, buffers[number % 2])
+                for done in pending:
+                    done.result()
+                pending = started
+            for done in pending:
+                done.result()
 
-    def _block(self, sent: np.ndarray, result: _Result, workers: ThreadPoolExecutor, buffers: list) -> None:
-        """One BLAS product for the block, then its sentences decided in row slices, one per thread."""
+    def _block(self, sent: np.ndarray, result: _Result, workers: ThreadPoolExecutor, buffers: list) -> list:
+        """One BLAS product for the block; returns the futures deciding its sentences, a row slice per thread."""
         pb = self.pb
         scores = np.matmul(pb.text[sent], pb.pool_emb.T, out=buffers[0][: len(sent)])
         own = pb.own_pos[sent]
@@ -421,11 +428,7 @@ class _ExactSearch:
             own_sim = np.matmul(pb.image[own_images], pb.pool_emb.T, out=buffers[1][: len(own_images)])
         edges = np.linspace(0, len(sent), self.threads + 1).astype(int)
         slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        for done in [
-            workers.submit(self._decide, sent[part], scores[part], own_sim, own_index[part], result)
-            for part in slices
-        ]:
-            done.result()
+        return [workers.submit(self._decide, sent[part], scores[part], own_sim, own_index[part], result) for part in slices]
 
     def _decide(self, sent, scores, own_sim, own_index, result: _Result) -> None:
         bound = self._bound(scores, own_sim, own_index, tight=True)
@@ -438,8 +441,9 @@ class _ExactSearch:
             needed[unknown] = self._bound(scores_left[unknown], own_sim, index_left[unknown], tight=False)
             undecided, needed = self._rank(sent[left], scores_left, own_sim, index_left, needed, result)
             left = left[undecided]
-        for start in range(0, len(left), 64):
-            part = left[start : start + 64]
+        rows = int(np.clip(2**22 // scores.shape[1], 1, 64))  # full rows at a time: ~4M candidates
+        for start in range(0, len(left), rows):
+            part = left[start : start + rows]
             undecided, _ = self._rank(sent[part], scores[part], own_sim, own_index[part], None, result)
             assert undecided.size == 0, "a full-row pass cannot leave a sentence undecided"
 
@@ -539,9 +543,15 @@ class _ExactSearch:
     def _fallback(self, sent: np.ndarray, result: _Result) -> None:
         """Nothing survives for these sentences: the top_k last of their full ranked lists."""
         pb, k = self.pb, self.pb.k
-        pool64 = pb.pool_emb.astype(np.float64)
+        columns = 2**16
         for i in sent:
-            exact = (pool64 @ pb.text[i].astype(np.float64)).astype(np.float32)
+            text = pb.text[i].astype(np.float64)
+            exact = np.concatenate(
+                [
+                    (pb.pool_emb[start : start + columns].astype(np.float64) @ text).astype(np.float32)
+                    for start in range(0, len(pb.pool), columns)
+                ]
+            )
             pos = np.arange(len(pb.pool))
             if pb.own_pos[i] >= 0:
                 exact, pos = np.delete(exact, pb.own_pos[i]), np.delete(pos, pb.own_pos[i])

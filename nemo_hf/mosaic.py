@@ -32,7 +32,7 @@ OUTPUT_COLUMNS = (
     "image", "mask", "bbox", "sentence", "sent_id", "ref_id",
     "target_quadrant", "tile_image_ids", "mode", "notes",
 )  # fmt: skip
-EVAL_COLUMNS = OUTPUT_COLUMNS + ("orig_size", "content_box")
+EVAL_COLUMNS = OUTPUT_COLUMNS + ("orig_size", "content_box", "orig_mask")
 
 # Whole words that pin the target to a side of the grid (tiles row-major: 0 TL, 1 TR, 2 BL, 3 BR).
 SPATIAL_WORDS = {
@@ -477,7 +477,8 @@ class EvalTransform(_Renderer):
     """Evaluation transform: the target image alone, resized (squash) or letterboxed to ``output_size``.
 
     One sentence per row: use rows from `explode_sentences` (a row with a single sentence also works).
-    Adds ``orig_size`` [h, w] and ``content_box`` [x0, y0, x1, y1]; `to_original` maps a prediction back.
+    Adds ``orig_size`` [h, w], ``content_box`` [x0, y0, x1, y1] and ``orig_mask`` (the row's RLE, the
+    ground truth at original size); `to_original` maps a prediction back.
     """
 
     def __init__(
@@ -519,6 +520,7 @@ class EvalTransform(_Renderer):
         out = self._output(canvas, mask, box, sentence, sent_id, row, -1, [row["image_id"]], "eval", notes)
         out["orig_size"] = [source.size[1], source.size[0]]
         out["content_box"] = list(placement.content_box)
+        out["orig_mask"] = row["mask"]  # the ground truth at original size, for scoring at original resolution
         return out
 
     def to_original(self, pred, orig_size: Sequence[int], content_box: Sequence[float]) -> np.ndarray:

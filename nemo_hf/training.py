@@ -107,7 +107,7 @@ def eval_targets(rows: list[dict]) -> dict:
         if ORIGINAL_MASK_KEY not in row:
             raise KeyError(
                 f"evaluation row sent_id={row.get('sent_id')} has no {ORIGINAL_MASK_KEY!r} (the ground truth "
-                "at original size); wrap the evaluation transform with nemo_hf.training.KeepOriginalMask"
+                "at original size); render evaluation rows with nemo_hf.EvalTransform"
             )
         height, width = (int(v) for v in row["orig_size"])
         gt = decode_rle(row[ORIGINAL_MASK_KEY])
@@ -143,25 +143,6 @@ def _image_hw(image) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.height, image.width
     return tuple(np.asarray(image).shape[:2])
-
-
-class KeepOriginalMask:
-    """Wraps a ``set_transform`` batch transform so each output row keeps the refs row's ``mask`` RLE
-    (ground truth at original size) under :data:`ORIGINAL_MASK_KEY`; the transform's own ``mask`` is
-    at output size. Needs a 1:1 transform (one output row per input row), as ``EvalTransform`` is."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __repr__(self) -> str:
-        return f"KeepOriginalMask({self.transform!r})"
-
-    def __call__(self, batch: dict) -> dict:
-        out = self.transform(batch)
-        n_in, n_out = len(batch["mask"]), len(out["mask"])
-        if n_in != n_out:
-            raise ValueError(f"KeepOriginalMask needs one output row per input row, got {n_in} -> {n_out}")
-        return {**out, ORIGINAL_MASK_KEY: batch["mask"]}
 
 
 class CountsAtOriginalSize:
@@ -237,7 +218,7 @@ class RISComputeMetrics:
         if not isinstance(counts, np.ndarray) or counts.ndim != 2 or counts.shape[1] != 2:
             raise ValueError(
                 "predictions are not [intersection, union] rows: evaluate with RISTrainer on EvalTransform rows "
-                "wrapped in KeepOriginalMask (they carry orig_size, content_box and the original mask)"
+                "(they carry orig_size, content_box and the original mask)"
             )
         if compute_result is None:
             self.metrics.reset()

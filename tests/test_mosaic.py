@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from nemo_hf import schema
+from nemo_hf.refer import decode_rle
 from nemo_hf.geometry import Placement, grid_cells
 from nemo_hf.mosaic import (
     EVAL_COLUMNS,
@@ -28,7 +29,7 @@ from nemo_hf.mosaic import (
     spatial_quadrants,
 )
 
-REALDATA = Path("/work/shared/realdata/images")
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "images"  # ../shared beside the checkout
 RED = (230, 20, 20)
 
 
@@ -448,6 +449,7 @@ def test_eval_transform_renders_each_sentence_and_maps_back(world, tile):
         sample = {key: values[row_index] for key, values in out.items()}
         check_sample(sample, mask, 50, tile)
         assert sample["orig_size"] == list(mask.shape)
+        assert np.array_equal(decode_rle(sample["orig_mask"]), mask)  # ground truth at original size
         back = transform.to_original(sample["mask"], sample["orig_size"], sample["content_box"])
         assert back.shape == mask.shape
         if tile == "letterbox":
@@ -457,7 +459,7 @@ def test_eval_transform_renders_each_sentence_and_maps_back(world, tile):
         transform(batch_of(world["rows"][:1]))
 
 
-@pytest.mark.skipif(not REALDATA.is_dir(), reason="/work/shared/realdata (real COCO image + mask) is not available")
+@pytest.mark.skipif(not REALDATA.is_dir(), reason=f"{REALDATA} (a real COCO image + mask) not found beside the checkout")
 @pytest.mark.parametrize("tile", ["squash", "letterbox"])
 def test_real_coco_image_and_mask(tile):
     data = (REALDATA / "img_44266.jpg").read_bytes()

@@ -15,7 +15,6 @@ from nemo_hf.training import (
     ORIGINAL_MASK_KEY,
     TARGETS_KEY,
     CountsAtOriginalSize,
-    KeepOriginalMask,
     RISCollator,
     RISTrainer,
     resize_mask,
@@ -48,7 +47,7 @@ def train_row(i: int, size: int = 32) -> dict:
 
 def letterbox(batch: dict, size: int = 32) -> dict:
     """A stand-in evaluation transform (batch -> batch, 1:1): letterbox the original into size x size."""
-    out = {k: [] for k in ("image", "mask", "sentence", "sent_id", "orig_size", "content_box", "mode")}
+    out = {k: [] for k in ("image", "mask", "sentence", "sent_id", "orig_size", "content_box", "orig_mask", "mode")}
     for i, (height, width) in enumerate(zip(batch["height"], batch["width"])):
         image, mask = scene(batch["seed"][i], height, width)
         scale = size / max(height, width)
@@ -63,6 +62,7 @@ def letterbox(batch: dict, size: int = 32) -> dict:
         out["sent_id"].append(batch["sent_id"][i])
         out["orig_size"].append([height, width])
         out["content_box"].append([x0, y0, x0 + w, y0 + h])
+        out["orig_mask"].append(batch["mask"][i])
         out["mode"].append("eval")
     return out
 
@@ -80,7 +80,7 @@ def eval_dataset(n: int = 6) -> Dataset:
         rows["sent_id"].append(100 + i)
         rows["mask"].append(rle(scene(i, height, width)[1]))
     ds = Dataset.from_dict(rows)
-    ds.set_transform(KeepOriginalMask(letterbox))
+    ds.set_transform(letterbox)
     return ds
 
 
@@ -291,7 +291,7 @@ def test_overfitting_a_fixed_batch_is_scored_well_at_original_resolution(tmp_pat
     the loss must fall and the IoU rise, which only happens if labels, pixels and the mapping back agree."""
     model, processor = tiny_random_clipseg(image_size=64, seed=0)
     ds = eval_dataset(6)
-    ds.set_transform(KeepOriginalMask(lambda batch: letterbox(batch, size=64)))
+    ds.set_transform(lambda batch: letterbox(batch, size=64))
     training_args = args(
         tmp_path, max_steps=60, learning_rate=1e-2, lr_scheduler_type="constant", per_device_train_batch_size=6,
         logging_steps=10, remove_unused_columns=False,
