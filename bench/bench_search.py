@@ -85,7 +85,10 @@ def main() -> None:
         timings[mode] = (time.perf_counter() - start, params, selection, peak_rss_gb())
     floor_after = dense_product_seconds(text, image)
     floor = (floor_before + floor_after) / 2
-    print(f"floor (dense product, numpy BLAS, blocked): {floor:.1f} s (before {floor_before:.1f}, after {floor_after:.1f})")
+    print(
+        f"floor (blocked dense product, numpy BLAS): {floor:.1f} s "
+        f"({floor_before:.1f} before, {floor_after:.1f} after)"
+    )
     for mode, (seconds, params, selection, rss) in timings.items():
         counts = selection.counts
         print(

@@ -133,7 +133,7 @@ def select_negatives(
     ``text_emb`` (n, d) and ``image_emb`` (m, d) are L2-normalised; ``text_image_row[i]`` is the row of
     sentence i's own image in ``image_emb``; ``pool_rows`` the rows that may be negatives (a
     sentence's own image is never its own negative, whether or not it is in the pool). ``threads``
-    (default: the cores this process may use) run the per-sentence work between BLAS products,
+    (default: the cores this process may use) run the per-sentence work alongside the BLAS products,
     which use numpy's own BLAS threads; the result does not depend on either.
     """
     text = _unit_rows(text_emb, "text_emb")
@@ -387,7 +387,7 @@ class _ExactSearch:
     own images). Per sentence, a bound from a sample of columns (``_bound``); only candidates above it
     are filtered and ranked (``_rank``). A sentence the bound leaves short is redone with the bound it
     turned out to need, or a safe one, and at worst over its full row. The per-sentence work runs in
-    ``threads`` row slices between the BLAS products.
+    ``threads`` row slices while the next block's products are computed.
     """
 
     def __init__(self, problem: _Problem, threads: int, block_bytes: int = 128 << 20, subset: int = 1024):
@@ -404,7 +404,7 @@ class _ExactSearch:
         # Products land in buffers reused across blocks: fresh 100 MB arrays would cost page faults.
         # Two sets, so the next block's products run while this block's sentences are decided.
         shape = (min(self.block_rows, len(order)), len(self.pb.pool))
-        buffers = [[np.empty(shape, dtype=np.float32) for _ in range(1 + (self.pb.mode == "i2i"))] for _ in "ab"]
+        buffers = [[np.empty(shape, np.float32) for _ in range(1 + (self.pb.mode == "i2i"))] for _ in range(2)]
         pending: list = []
         with ThreadPoolExecutor(self.threads) as workers:
             for number, start in enumerate(range(0, len(order), self.block_rows)):
@@ -416,7 +416,7 @@ class _ExactSearch:
                 done.result()
 
     def _block(self, sent: np.ndarray, result: _Result, workers: ThreadPoolExecutor, buffers: list) -> list:
-        """One BLAS product for the block; returns the futures deciding its sentences, a row slice per thread."""
+        """One BLAS product for the block; returns the futures deciding its sentences, a row slice each."""
         pb = self.pb
         scores = np.matmul(pb.text[sent], pb.pool_emb.T, out=buffers[0][: len(sent)])
         own = pb.own_pos[sent]
@@ -428,7 +428,10 @@ class _ExactSearch:
             own_sim = np.matmul(pb.image[own_images], pb.pool_emb.T, out=buffers[1][: len(own_images)])
         edges = np.linspace(0, len(sent), self.threads + 1).astype(int)
         slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        return [workers.submit(self._decide, sent[part], scores[part], own_sim, own_index[part], result) for part in slices]
+        return [
+            workers.submit(self._decide, sent[part], scores[part], own_sim, own_index[part], result)
+            for part in slices
+        ]
 
     def _decide(self, sent, scores, own_sim, own_index, result: _Result) -> None:
         bound = self._bound(scores, own_sim, own_index, tight=True)
