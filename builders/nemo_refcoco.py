@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 
@@ -73,8 +74,25 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
             config_kwargs["source_stamp"] = ",".join(
                 f"{st.st_size}:{st.st_mtime_ns}" for st in (p.stat() for p in paths if p.is_file())
             )
+        if self.mine and self.name in REFS_CONFIGS:
+            config_kwargs["model_stamp"] = _model_stamp(self.model, self.model_revision)
         config_kwargs["nemo_hf_version"] = __version__
         return super().create_config_id(config_kwargs, custom_features=custom_features)
+
+
+def _model_stamp(model: str, revision: str | None) -> str:
+    """Cheap evidence of which weights ``model`` names now: size and mtime of a local checkpoint's files,
+    or the commit the HF cache resolves a hub id to. New weights under the same name are a new cache entry."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(path.iterdir()) if f.is_file())
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id either: loading the model will say so, clearly
+        cached = None
+    return Path(cached).parent.name if isinstance(cached, str) else str(revision)
 
 
 class NemoRefcoco(datasets.GeneratorBasedBuilder):

@@ -80,3 +80,15 @@ def test_unreachable_model_fails_with_a_way_out(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot load embedding model" in err and "--model /path/to/clip" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_stats_and_preview_commands(mined, tmp_path, capsys):
+    _, out = mined
+    assert main(["stats", str(out), "--config", "refcocog_umd", "-o", str(tmp_path / "s.png")]) == 0
+    text = capsys.readouterr().out
+    assert "fallback sentences" in text and "t2i cosine of chosen negatives" in text
+    assert main(["preview", str(out), "--config", "refcocog_umd", "-n", "4", "--size", "96", "-o", str(tmp_path / "g.png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "g.png") as grid, Image.open(tmp_path / "s.png") as plot:
+        assert grid.width >= 2 * 96 and grid.height > 96 and plot.width > 100

@@ -61,3 +61,19 @@ def test_changed_datasets_internals_fail_loudly(monkeypatch):
     monkeypatch.setattr(load, "dataset_module_factory", None)
     with pytest.raises(registry.UnsupportedDatasetsVersion, match=r"nemo-hf build --source ROOT --out DIR.*load_dataset\(DIR"):
         registry.register()
+
+
+def test_cache_key_follows_the_weights_behind_a_model_path(tiny_source, tmp_path):
+    from nemo_hf_builders.nemo_refcoco import NemoRefcocoConfig
+
+    checkpoint = tmp_path / "clip"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights v1")
+    kwargs = {"source": str(tiny_source), "model": str(checkpoint), "tau": "p95"}
+    config = NemoRefcocoConfig(name="refcoco_unc", **kwargs)
+    first = config.create_config_id(kwargs)
+    assert config.create_config_id(kwargs) == first
+    (checkpoint / "model.safetensors").write_bytes(b"weights v2, retrained")
+    assert config.create_config_id(kwargs) != first
+    unmined = NemoRefcocoConfig(name="refcoco_unc", mine=False, **kwargs)
+    assert unmined.create_config_id({**kwargs, "mine": False}) != first
