@@ -7,8 +7,11 @@ removes the sentence's cluster-mates, which are its best t2i candidates.
 
 The floor is the blocked float32 product ``text @ image.T`` with numpy BLAS (the full 140k x 20k
 matrix would take 11 GB, so it is computed in blocks and dropped); the selection is
-``nemo_hf.mine.select_negatives`` on the same arrays in the same run, BLAS threads unchanged (all
-cores). Peak memory is the process's peak RSS (``resource.getrusage``), which includes the inputs.
+``nemo_hf.mine.select_negatives`` on the same arrays in the same run, BLAS and FAISS threads on all
+cores. Its log lines show how many sentences each FAISS search depth served: those after the first
+needed deeper lists because the filter dropped their best candidates, and how many needed their
+whole-pool score row. Peak memory is the process's peak RSS (``resource.getrusage``), which
+includes the inputs.
 
     python bench/bench_search.py [--images 20000] [--sentences 140000] [--dim 512]
 """
@@ -16,6 +19,7 @@ cores). Peak memory is the process's peak RSS (``resource.getrusage``), which in
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import time
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--modes", default="i2i,t2i")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="  %(name)s: %(message)s")
 
     text, own, image = clustered_embeddings(args.images, args.sentences, args.dim)
     pool = np.arange(args.images)
@@ -80,6 +85,7 @@ def main() -> None:
     timings = {}
     for mode in args.modes.split(","):
         params = MiningParams(mode=mode)
+        print(f"{mode}:")
         start = time.perf_counter()
         selection = select_negatives(text, own, image, pool, params)
         timings[mode] = (time.perf_counter() - start, params, selection, peak_rss_gb())

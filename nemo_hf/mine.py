@@ -8,24 +8,25 @@ The rule, per training sentence (the one the official NeMo loader applies to its
 3. keep the first ``top_k`` survivors. When nothing survives over the whole pool, keep the ``top_k``
    least similar images instead (the official loader's "last 300 of the list") and flag the sentence.
 
-Scores are dot products of the float32 embeddings accumulated in float64 and rounded to float32 (the
-precision they are stored in), ``tau`` is rounded to float32 too, and ties go to the lower image row:
-so the answer does not depend on how the products are blocked. The exact search takes float32
-products in blocks with BLAS and recomputes only the pairs whose order or filter decision float32
-rounding could change: its result is the rule's, not an approximation of it.
+The ranking is FAISS's: an exact flat inner-product search by default, IVF or HNSW as options. Each
+sentence gets its top few candidates, filtered here; the few sentences whose candidates run out of
+survivors are searched again deeper, down to the whole pool. Scores are FAISS's float32 dot
+products and ties go to the lower image row, so the result equals the rule computed in any other
+way up to the order of candidates whose cosines agree within float32 rounding.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import faiss
 import numpy as np
 
 from nemo_hf import __version__
@@ -33,6 +34,7 @@ from nemo_hf import __version__
 MODES = ("i2i", "t2i")
 INDEXES = ("flat", "ivf", "hnsw")
 _PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,9 @@ class MiningParams:
       sentence-image pairs for ``t2i``), estimated on a seeded sample of ``sample_pairs`` pairs.
     - ``top_k``: how many survivors each sentence keeps (the loader samples 3 of them per epoch).
     - ``mode``: ``"i2i"`` or ``"t2i"``, which similarity ``tau`` bounds.
-    - ``index``: ``"flat"`` exact search; ``"ivf"`` or ``"hnsw"`` approximate FAISS indexes for pools
-      far larger than COCO (sentences left short by them are finished by the exact search).
+    - ``index``: ``"flat"`` exact FAISS search (IndexFlatIP); ``"ivf"`` or ``"hnsw"`` approximate FAISS
+      indexes for pools far larger than COCO (sentences left short by them are finished on their
+      exact whole-pool scores, so fallbacks stay exact).
     - ``seed``: the percentile sample and the IVF training.
 
     Defaults: the paper warns that negatives too similar to the target become false negatives and
@@ -92,9 +95,7 @@ class Selection:
     """Per sentence: chosen image rows best first, their t2i cosines, the fallback flag.
 
     Sentence ``i``'s negatives are ``rows[offsets[i]:offsets[i + 1]]`` (rows of ``image_emb``).
-    ``scores`` are float32 cosines, off the exact scores the order was decided on by at most
-    ``d * 6e-8`` (3e-5 for 512-d; exact where neighbours were too close to order otherwise).
-    ``tau`` is the resolved cosine.
+    ``scores`` are the float32 cosines the order was decided on; ``tau`` is the resolved cosine.
     """
 
     offsets: np.ndarray
@@ -133,8 +134,7 @@ def select_negatives(
     ``text_emb`` (n, d) and ``image_emb`` (m, d) are L2-normalised; ``text_image_row[i]`` is the row of
     sentence i's own image in ``image_emb``; ``pool_rows`` the rows that may be negatives (a
     sentence's own image is never its own negative, whether or not it is in the pool). ``threads``
-    (default: the cores this process may use) run the per-sentence work alongside the BLAS products,
-    which use numpy's own BLAS threads; the result does not depend on either.
+    (default: the cores this process may use) is FAISS's OpenMP thread count during the call.
     """
     text = _unit_rows(text_emb, "text_emb")
     image = _unit_rows(image_emb, "image_emb")
@@ -150,17 +150,21 @@ def select_negatives(
     if len(sorted_pool) == 0:
         raise ValueError("pool_rows is empty: there is nothing to mine negatives from")
     tau = resolve_tau(params, text, own_rows, image, sorted_pool)
-    problem = _Problem(text, own_rows, image, sorted_pool, tau, params)
-    result = _Result(len(text), params.top_k)
+    rule = _RuleSearch(text, own_rows, image, sorted_pool, tau, params)
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    exact = _ExactSearch(problem, threads)
-    everyone = np.arange(len(text))
-    if params.index == "flat":
-        exact.run(everyone, result)
-    else:
-        _IndexSearch(problem, params.index, params.seed).run(everyone, result, exact)
-    return result.selection(problem.pool, tau)
+    previous_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        if params.index == "flat":
+            index = faiss.IndexFlatIP(text.shape[1])
+            index.add(rule.pool_emb)
+        else:
+            index = _approximate_index(rule.pool_emb, params)
+        rule.whole_pool(rule.search(index, np.arange(len(text))))
+    finally:
+        faiss.omp_set_num_threads(previous_threads)
+    return rule.selection()
 
 
 def resolve_tau(
@@ -302,324 +306,141 @@ def _sample(rng: np.random.Generator, population: np.ndarray, size: int) -> np.n
     return np.sort(rng.choice(population, size=size, replace=False))
 
 
-def _float_order(scores: np.ndarray) -> np.ndarray:
-    """int64 keys in [-2**31, 2**31) ordered as the float32 ``scores`` (-0 and +0 equal)."""
-    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0)).view(np.int32).astype(np.int64)
-    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+def _approximate_index(pool_emb: np.ndarray, params: MiningParams) -> faiss.Index:
+    """An IVF or HNSW inner-product index over the pool, for pools far larger than COCO."""
+    n, d = pool_emb.shape
+    if params.index == "ivf":
+        nlist = int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = params.seed
+        index.train(pool_emb)
+        index.nprobe = min(nlist, max(32, nlist // 8))
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+    index.add(pool_emb)
+    return index
 
 
-def _best_first(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Argsort along the last axis by float32 score descending, then row ascending (rows < 2**31)."""
-    return np.argsort((-_float_order(scores) << 32) | rows, axis=-1)
+class _RuleSearch:
+    """The rule on a FAISS index's top lists, and on full score rows for the sentences they leave short.
 
+    Lists are ``first_depth`` long, then ``widen`` times longer for the sentences whose list held
+    fewer than ``top_k`` survivors; sentences still short (deep in a big cluster of near-duplicates
+    for i2i, or with most of the pool above tau for t2i) get their whole score row, which also
+    settles the fallback. Lists are searched ``batch_entries`` (sentence, candidate) pairs at a time.
+    The i2i filter is computed along a list only as far as it takes to find ``top_k`` survivors.
+    """
 
-def _exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products accumulated in float64, rounded to float32: the scores decisions use."""
-    return np.einsum("ij,ij->i", a, b, dtype=np.float64).astype(np.float32)
-
-
-class _Problem:
-    """One selection's arrays, indexed the way the searches need them."""
-
-    def __init__(self, text, own_rows, image, pool, tau: float, params: MiningParams):
-        self.text, self.own_rows, self.image, self.tau = text, own_rows, image, tau
-        self.k, self.mode = params.top_k, params.mode
-        # Pool positions in a fixed random order, so any run of columns is a uniform sample of the
-        # pool (the searches' bounds rely on it for speed only); ties go by row, `self.pool[position]`.
-        self.pool = np.random.default_rng(0).permutation(pool)
-        self.pool_emb = np.ascontiguousarray(image[self.pool])
+    def __init__(self, text, own_rows, image, pool, tau: float, params: MiningParams, widen: int = 8,
+                 batch_entries: int = 2**20, block_bytes: int = 2**26):
+        self.text, self.own_rows, self.image, self.pool, self.tau = text, own_rows, image, pool, tau
+        self.k, self.mode, self.widen = params.top_k, params.mode, widen
+        self.first_depth = 4 * self.k + 16
+        self.batch_entries, self.block_bytes = batch_entries, block_bytes
+        self.pool_emb = np.ascontiguousarray(image[pool])
         position = np.full(len(image), -1, dtype=np.int64)
-        position[self.pool] = np.arange(len(pool))
-        self.own_pos = position[own_rows]
-        # Bound on |float32 BLAS dot - exact score| for unit vectors: d roundings of at most 2**-24 each
-        # (room for norms up to 1 + 1e-3, what _unit_rows accepts) plus the final rounding to float32.
-        self.eps = 1.01 * text.shape[1] * 2.0**-24 + 2.0**-23
-        # float32 similarities at or above `low` may be above tau; above `high` they surely are.
-        self.low = np.nextafter(np.float32(tau - self.eps), np.float32(-np.inf))
-        self.high = np.nextafter(np.float32(tau + self.eps), np.float32(np.inf))
-
-    def t2i(self, sent: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return _exact(self.text[sent], self.pool_emb[pos])
-
-    def excluded(self, sent: np.ndarray, pos: np.ndarray, fast: np.ndarray) -> np.ndarray:
-        """Which (sentence, pool position) pairs the filter drops, from float32 ``fast`` similarities.
-
-        Only pairs within rounding distance of tau are recomputed exactly.
-        """
-        out = fast > self.high
-        unsure = np.flatnonzero((fast >= self.low) & ~out)
-        if unsure.size:
-            if self.mode == "i2i":
-                exact = _exact(self.image[self.own_rows[sent[unsure]]], self.pool_emb[pos[unsure]])
-            else:
-                exact = self.t2i(sent[unsure], pos[unsure])
-            out[unsure] = exact > self.tau
-        return out
-
-
-class _Result:
-    """Chosen pool positions per sentence, filled in any order."""
-
-    def __init__(self, n: int, k: int):
-        self.pos = np.full((n, k), -1, dtype=np.int64)
-        self.scores = np.zeros((n, k), dtype=np.float32)
+        position[pool] = np.arange(len(pool))
+        self.own_pos = position[own_rows]  # -1: the own image is outside the pool
+        n = len(text)
+        self.rows = np.full((n, self.k), -1, dtype=np.int64)
+        self.scores = np.zeros((n, self.k), dtype=np.float32)
         self.count = np.full(n, -1, dtype=np.int64)
         self.fallback = np.zeros(n, dtype=bool)
 
-    def set(self, sent: np.ndarray, pos: np.ndarray, scores: np.ndarray, count: np.ndarray, fallback=False):
-        k = pos.shape[1]
-        self.pos[sent, :k] = np.where(np.arange(k) < count[:, None], pos, -1)
-        self.scores[sent, :k] = np.where(np.arange(k) < count[:, None], scores, 0.0)
-        self.count[sent] = count
-        self.fallback[sent] = fallback
-
-    def selection(self, pool: np.ndarray, tau: float) -> Selection:
-        assert (self.count >= 0).all(), "a sentence was left without a decision"
-        taken = np.arange(self.pos.shape[1]) < self.count[:, None]
-        offsets = np.concatenate([[0], np.cumsum(self.count)]).astype(np.int64)
-        return Selection(offsets, pool[self.pos[taken]], self.scores[taken], self.fallback.copy(), tau)
-
-
-class _ExactSearch:
-    """The rule over the whole pool, in blocks of sentences.
-
-    Per block: one float32 product with the pool (the cost floor; plus, for i2i, one with the block's
-    own images). Per sentence, a bound from a sample of columns (``_bound``); only candidates above it
-    are filtered and ranked (``_rank``). A sentence the bound leaves short is redone with the bound it
-    turned out to need, or a safe one, and at worst over its full row. The per-sentence work runs in
-    ``threads`` row slices while the next block's products are computed.
-    """
-
-    def __init__(self, problem: _Problem, threads: int, block_bytes: int = 128 << 20, subset: int = 1024):
-        self.pb, self.threads, self.subset = problem, threads, subset
-        self.margin = 8  # the safe bound leaves top_k + margin survivors above it
-        self.block_rows = int(np.clip(block_bytes // (4 * len(problem.pool)), 16, 4096))
-
     def __repr__(self) -> str:
-        return f"_ExactSearch(pool={len(self.pb.pool)}, block_rows={self.block_rows}, threads={self.threads})"
+        return (
+            f"_RuleSearch(mode={self.mode!r}, top_k={self.k}, tau={self.tau:.4f}, pool={len(self.pool)}, "
+            f"first_depth={self.first_depth}, widen={self.widen})"
+        )
 
-    def run(self, sentences: np.ndarray, result: _Result) -> None:
-        # Sentences of the same image together, so a block needs few image-image rows.
-        order = sentences[np.argsort(self.pb.own_rows[sentences], kind="stable")]
-        # Products land in buffers reused across blocks: fresh 100 MB arrays would cost page faults.
-        # Two sets, so the next block's products run while this block's sentences are decided.
-        shape = (min(self.block_rows, len(order)), len(self.pb.pool))
-        buffers = [[np.empty(shape, np.float32) for _ in range(1 + (self.pb.mode == "i2i"))] for _ in range(2)]
-        pending: list = []
-        with ThreadPoolExecutor(self.threads) as workers:
-            for number, start in enumerate(range(0, len(order), self.block_rows)):
-                started = self._block(order[start : start + self.block_rows], result, workers, buffers[number % 2])
-                for done in pending:
-                    done.result()
-                pending = started
-            for done in pending:
-                done.result()
+    def search(self, index: faiss.Index, sentences: np.ndarray) -> np.ndarray:
+        """Decide the sentences whose lists from ``index`` hold ``top_k`` survivors; return the others."""
+        todo = sentences[np.argsort(self.own_rows[sentences], kind="stable")]  # same image together
+        for depth in (self.first_depth, self.widen * self.first_depth):
+            depth = min(depth, index.ntotal)
+            if not todo.size:
+                break
+            _LOG.info("%s: top-%d lists for %d sentences", type(index).__name__, depth, len(todo))
+            if isinstance(index, faiss.IndexHNSW):
+                index.hnsw.efSearch = max(64, 2 * depth)
+            batch = max(1, self.batch_entries // depth)
+            todo = np.concatenate([self._lists(index, todo[s : s + batch], depth) for s in range(0, len(todo), batch)])
+        return todo
 
-    def _block(self, sent: np.ndarray, result: _Result, workers: ThreadPoolExecutor, buffers: list) -> list:
-        """One BLAS product for the block; returns the futures deciding its sentences, a row slice each."""
-        pb = self.pb
-        scores = np.matmul(pb.text[sent], pb.pool_emb.T, out=buffers[0][: len(sent)])
-        own = pb.own_pos[sent]
-        in_pool = np.flatnonzero(own >= 0)
-        scores[in_pool, own[in_pool]] = -np.inf  # never a sentence's own negative
-        own_sim, own_index = None, np.zeros(len(sent), dtype=np.int64)
-        if pb.mode == "i2i":
-            own_images, own_index = np.unique(pb.own_rows[sent], return_inverse=True)
-            own_sim = np.matmul(pb.image[own_images], pb.pool_emb.T, out=buffers[1][: len(own_images)])
-        edges = np.linspace(0, len(sent), self.threads + 1).astype(int)
-        slices = [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        return [
-            workers.submit(self._decide, sent[part], scores[part], own_sim, own_index[part], result)
-            for part in slices
-        ]
-
-    def _decide(self, sent, scores, own_sim, own_index, result: _Result) -> None:
-        bound = self._bound(scores, own_sim, own_index, tight=True)
-        left, needed = self._rank(sent, scores, own_sim, own_index, bound, result)
-        for _ in range(2):  # lower bounds for the sentences left: the one they need, else a safe one
-            if not left.size:
-                return
-            scores_left, index_left = scores[left], own_index[left]
-            unknown = np.flatnonzero(np.isnan(needed))
-            needed[unknown] = self._bound(scores_left[unknown], own_sim, index_left[unknown], tight=False)
-            undecided, needed = self._rank(sent[left], scores_left, own_sim, index_left, needed, result)
-            left = left[undecided]
-        rows = int(np.clip(2**22 // scores.shape[1], 1, 64))  # full rows at a time: ~4M candidates
-        for start in range(0, len(left), rows):
-            part = left[start : start + rows]
-            undecided, _ = self._rank(sent[part], scores[part], own_sim, own_index[part], None, result)
-            assert undecided.size == 0, "a full-row pass cannot leave a sentence undecided"
-
-    def _bound(self, scores, own_sim, own_index, tight: bool) -> np.ndarray:
-        """Per sentence, a score its survivors are counted above (+inf: none known).
-
-        Taken on the first pool columns (a random sample), leaving out what the filter may drop.
-        ``tight``: the least of three slice maxima, each slice ~pool / (2 top_k) wide, so about
-        3 top_k survivors lie above it. Otherwise the (top_k + margin)-th best of the sample: at
-        least that many survivors lie above it.
-        """
-        pb = self.pb
-        n_rows, n_pool = scores.shape
-        need = pb.k + self.margin
-        if tight:
-            width = min(n_pool // 3, math.ceil(n_pool / (2 * pb.k)))
-            cols = 3 * width
-        else:
-            cols = min(n_pool, max(self.subset, 4 * need))
-        if (tight and width == 0) or (not tight and cols <= need):
-            return np.full(n_rows, np.inf, dtype=np.float32)
-        sub = scores[:, :cols].copy()
-        sub[(own_sim[:, :cols] >= pb.low)[own_index] if pb.mode == "i2i" else sub >= pb.low] = -np.inf
-        if tight:
-            bound = sub.reshape(n_rows, 3, width).max(axis=2).min(axis=1)
-        else:
-            bound = np.partition(sub, cols - need, axis=1)[:, cols - need]
-        bound[np.isneginf(bound)] = np.inf
-        return bound
-
-    def _rank(self, sent, scores, own_sim, own_index, bound, result: _Result) -> tuple[np.ndarray, np.ndarray]:
-        """Decide the sentences whose candidates (score >= bound) settle the rule.
-
-        Returns the undecided sentences (indices into ``sent``) and the bound each needs (NaN when it
-        has too few survivors to tell). ``bound=None`` takes every pool image as a candidate (the
-        full-row pass), which decides all. Own images hold -inf in ``scores`` and pass no bound.
-
-        The float32 scores may misorder two survivors less than ``2 eps`` apart. So with ``v`` the
-        top_k-th best float32 score, survivors from ``v - 2 eps`` up form the zone that may hold the
-        top_k, and survivors in the zone with a neighbour that close are ranked by exact scores.
-        """
-        pb, k, gap = self.pb, self.pb.k, 2 * self.pb.eps
-        n_rows, n_pool = scores.shape
-        full = bound is None
-        if full:
-            bound = np.full(n_rows, np.finfo(np.float32).min, dtype=np.float32)
-        candidate = scores >= bound[:, None]
-        if pb.mode == "t2i":
-            candidate &= scores <= pb.high  # above it the filter surely drops them
-        flat = np.flatnonzero(candidate)
-        r, c = np.divmod(flat, n_pool)
-        fast = own_sim.ravel()[own_index[r] * n_pool + c] if pb.mode == "i2i" else scores.ravel()[flat]
-        keep = ~pb.excluded(sent[r], c, fast)
-        r, c = r[keep], c[keep]
-        s = scores.ravel()[flat[keep]]
-        n = np.bincount(r, minlength=n_rows)
-        if full and (n == 0).any():
-            self._fallback(sent[n == 0], result)
-
-        order = np.argsort((r << 32) | (2**31 - 1 - _float_order(s)), kind="stable")  # by row, then score down
-        r, c, s = r[order], c[order], s[order]
-        start = np.cumsum(n) - n
-        kth = np.full(n_rows, -np.inf)
-        enough = np.flatnonzero(n >= k)
-        kth[enough] = s[start[enough] + k - 1]
-        floor = kth - gap
-        needed = np.full(n_rows, np.nan, dtype=np.float32)
-        needed[enough] = np.nextafter(floor[enough].astype(np.float32), np.float32(-np.inf))
-        redo = np.zeros(n_rows, dtype=bool) if full else (n < k) | (bound > floor)
-
-        zone = (s >= floor[r]) & ~redo[r]
-        r, c, s = r[zone], c[zone], s[zone]
-        close = (r[1:] == r[:-1]) & (s[:-1].astype(np.float64) - s[1:] <= gap)
-        chained = np.zeros(len(s), dtype=bool)
-        chained[1:] |= close
-        chained[:-1] |= close
-        exact = s.copy()
-        at = np.flatnonzero(chained)
-        if at.size:  # exact scores for chained survivors, re-ordered within their runs
-            exact[at] = pb.t2i(sent[r[at]], c[at])
-            run = np.cumsum(np.concatenate([[True], ~close]))[at]
-            at_sorted = at[np.lexsort((pb.pool[c[at]], -exact[at], run))]
-            c[at], exact[at] = c[at_sorted], exact[at_sorted]
-        in_zone = np.bincount(r, minlength=n_rows)
-        rank = np.arange(len(r)) - (np.cumsum(in_zone) - in_zone)[r]
-        top = rank < k
-        decided = np.flatnonzero((n > 0) & ~redo)
-        slot = np.zeros(n_rows, dtype=np.int64)
-        slot[decided] = np.arange(len(decided))
-        pos = np.full((len(decided), k), -1, dtype=np.int64)
-        value = np.zeros((len(decided), k), dtype=np.float32)
-        pos[slot[r[top]], rank[top]], value[slot[r[top]], rank[top]] = c[top], exact[top]
-        result.set(sent[decided], pos, value, np.minimum(n[decided], k))
-        left = np.flatnonzero(redo)
-        return left, needed[left]
-
-    def _fallback(self, sent: np.ndarray, result: _Result) -> None:
-        """Nothing survives for these sentences: the top_k last of their full ranked lists."""
-        pb, k = self.pb, self.pb.k
-        columns = 2**16
-        for i in sent:
-            text = pb.text[i].astype(np.float64)
-            exact = np.concatenate(
-                [
-                    (pb.pool_emb[start : start + columns].astype(np.float64) @ text).astype(np.float32)
-                    for start in range(0, len(pb.pool), columns)
-                ]
-            )
-            pos = np.arange(len(pb.pool))
-            if pb.own_pos[i] >= 0:
-                exact, pos = np.delete(exact, pb.own_pos[i]), np.delete(pos, pb.own_pos[i])
-            ranked = _best_first(exact, pb.pool[pos])[-k:]
-            count = np.array([len(ranked)])
-            result.set(np.array([i]), pos[ranked][None], exact[ranked][None], count, fallback=True)
-
-
-class _IndexSearch:
-    """Approximate top-M search with a FAISS index, filtered, widened for short sentences.
-
-    A sentence short of top_k survivors at ``max_depth`` goes to the exact search, so fallbacks are
-    still exact: only the ranking of the found survivors is approximate.
-    """
-
-    def __init__(self, problem: _Problem, kind: str, seed: int, max_depth: int = 4096, gather_bytes: int = 2**26):
-        import faiss
-
-        self.pb, self.kind, self.gather_bytes = problem, kind, gather_bytes
-        n, d = problem.pool_emb.shape
-        self.max_depth = min(n, max_depth)
-        if kind == "ivf":
-            nlist = int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            self.index.cp.seed = seed
-            self.index.train(problem.pool_emb)
-            self.index.nprobe = min(nlist, max(32, nlist // 8))
-        else:
-            self.index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = 80
-        self.index.add(problem.pool_emb)
-
-    def __repr__(self) -> str:
-        return f"_IndexSearch(kind={self.kind!r}, pool={len(self.pb.pool)}, max_depth={self.max_depth})"
-
-    def run(self, sentences: np.ndarray, result: _Result, exact: _ExactSearch) -> None:
-        depth = min(self.max_depth, 4 * self.pb.k + 16)
-        todo = sentences
-        while todo.size:
-            # i2i gathers depth pool vectors per sentence: batches sized to bound that memory.
-            batch = max(1, self.gather_bytes // (depth * 4 * self.pb.pool_emb.shape[1]))
-            short = np.concatenate(
-                [self._search(todo[s : s + batch], depth, result) for s in range(0, len(todo), batch)]
-            )
-            if depth >= self.max_depth:
-                exact.run(short, result)
-                return
-            todo, depth = short, min(self.max_depth, 4 * depth)
-
-    def _search(self, sent: np.ndarray, depth: int, result: _Result) -> np.ndarray:
-        pb, k = self.pb, self.pb.k
-        if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(64, 2 * depth)
-        score, pos = self.index.search(pb.text[sent], depth)
-        valid = (pos >= 0) & (pos != pb.own_pos[sent][:, None])
-        r, c = np.nonzero(valid)
-        fast = score[r, c]
-        if pb.mode == "i2i":
-            fast = np.einsum("ij,ij->i", pb.image[pb.own_rows[sent[r]]], pb.pool_emb[pos[r, c]])
-        dropped = pb.excluded(sent[r], pos[r, c], fast)
-        valid[r[dropped], c[dropped]] = False
-        score = np.where(valid, score, -np.inf)
-        order = _best_first(score, pb.pool[pos])
-        score, pos = np.take_along_axis(score, order, 1), np.take_along_axis(pos, order, 1)
-        n = valid.sum(axis=1)
-        done = n >= k
-        result.set(sent[done], pos[done, :k], score[done, :k], np.full(int(done.sum()), k))
+    def _lists(self, index: faiss.Index, sent: np.ndarray, depth: int) -> np.ndarray:
+        score, pos = index.search(self.text[sent], depth)
+        valid = (pos >= 0) & (pos != self.own_pos[sent, None])
+        keep = valid & ~self._dropped_along(sent, score, pos, valid)
+        done = keep.sum(axis=1) >= self.k
+        self._record(sent[done], score[done], pos[done], keep[done])
         return sent[~done]
+
+    def whole_pool(self, sentences: np.ndarray) -> None:
+        """Decide sentences on their full score rows; the fallback for those with no survivor at all."""
+        if sentences.size:
+            _LOG.info("whole pool rows for %d sentences", len(sentences))
+        rows = max(1, self.block_bytes // (4 * len(self.pool)))
+        pos = np.arange(len(self.pool))
+        for start in range(0, len(sentences), rows):
+            sent = sentences[start : start + rows]
+            score = self.text[sent] @ self.pool_emb.T
+            valid = pos[None, :] != self.own_pos[sent, None]
+            if self.mode == "t2i":
+                keep = valid & (score <= self.tau)
+            else:
+                images, image_of = np.unique(self.own_rows[sent], return_inverse=True)
+                keep = valid & ((self.image[images] @ self.pool_emb.T)[image_of] <= self.tau)
+            fallback = ~keep.any(axis=1)
+            positions = np.broadcast_to(pos, score.shape)
+            self._record(sent[~fallback], score[~fallback], positions[~fallback], keep[~fallback])
+            # the last top_k of the ranked list: the first top_k of it reversed, then put best first
+            self._record(sent[fallback], -score[fallback], positions[fallback], valid[fallback], reverse=True)
+
+    def _dropped_along(self, sent, score, pos, valid) -> np.ndarray:
+        """The filter's verdict on a list's candidates, computed (i2i) only until top_k survive."""
+        if self.mode == "t2i":
+            return score > self.tau
+        dropped = np.zeros(pos.shape, dtype=bool)
+        rows, start, width = np.arange(len(sent)), 0, self.k
+        while rows.size and start < pos.shape[1]:
+            stop = min(start + width, pos.shape[1])
+            chunk = max(1, 2**11 // (stop - start))  # gathers at most 2**11 candidate vectors (4 MB) at once
+            for part in np.split(rows, np.arange(chunk, len(rows), chunk)):
+                own = self.image[self.own_rows[sent[part]]]
+                i2i = np.einsum("ij,ikj->ik", own, self.pool_emb[pos[part, start:stop]])
+                dropped[part, start:stop] = i2i > self.tau
+            kept = (valid[rows, :stop] & ~dropped[rows, :stop]).sum(axis=1)
+            rows, start, width = rows[kept < self.k], stop, 2 * width
+        return dropped
+
+    def _record(self, sent, score, pos, keep, reverse: bool = False) -> None:
+        """Keep each row's first top_k ``keep`` candidates by score, then lower position (= lower row).
+
+        ``reverse``: ``score`` is negated and the picks are the last top_k of the ranked list, stored best first.
+        """
+        if not sent.size:
+            return
+        masked = np.where(keep, score, -np.inf)
+        k = min(self.k, masked.shape[1])
+        kth = -np.partition(-masked, k - 1, axis=1)[:, k - 1]  # the k-th best kept score
+        r, c = np.nonzero(keep & (masked >= kth[:, None]))  # the top k and any ties with the k-th
+        order = np.lexsort((-pos[r, c] if reverse else pos[r, c], -masked[r, c], r))
+        r, c = r[order], c[order]
+        first = np.searchsorted(r, np.arange(len(sent)))
+        rank = np.arange(len(r)) - first[r]
+        count = np.minimum(keep.sum(axis=1), self.k)
+        taken = rank < count[r]
+        r, c, rank = r[taken], c[taken], rank[taken]
+        if reverse:
+            rank = count[r] - 1 - rank
+        self.rows[sent[r], rank] = self.pool[pos[r, c]]
+        self.scores[sent[r], rank] = -score[r, c] if reverse else score[r, c]
+        self.count[sent] = count
+        self.fallback[sent] = reverse
+
+    def selection(self) -> Selection:
+        assert (self.count >= 0).all(), "a sentence was left without a decision"
+        taken = np.arange(self.k) < self.count[:, None]
+        offsets = np.concatenate([[0], np.cumsum(self.count)]).astype(np.int64)
+        return Selection(offsets, self.rows[taken], self.scores[taken], self.fallback.copy(), self.tau)
