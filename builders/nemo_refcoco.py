@@ -133,20 +133,22 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         else:
             embedder = Embedder.from_pretrained(self.config.model, revision=self.config.model_revision)
         images = source.instances(self.config.name).images
-        own_and_pool = {row["image_id"] for row in train_rows} | set(source.training_pool(self.config.name))
+        pool = source.training_pool(self.config.name)
+        own_and_pool = {row["image_id"] for row in train_rows} | set(pool)
         columns, self.provenance = mine_refs(
             train_rows,
             image_files={i: source.image_path(images[i]["file_name"]) for i in own_and_pool},
-            pool_image_ids=source.training_pool(self.config.name),
+            pool_image_ids=pool,
             embedder=embedder,
             params=params,
             cache_dir=self.config.embed_cache_dir
             or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings"),
         )
-        return [
-            {**row, "negatives": c.negatives, "negative_scores": c.scores, "negative_fallback": c.fallback}
-            for row, c in ((row, columns[row["ref_id"]]) for row in train_rows)
-        ]
+        mined = []
+        for row in train_rows:
+            negatives, scores, fallback = columns[row["ref_id"]]
+            mined.append({**row, "negatives": negatives, "negative_scores": scores, "negative_fallback": fallback})
+        return mined
 
     def _generate_examples(self, rows=None, source=None):
         if source is None:

@@ -101,7 +101,7 @@ class ReferSource:
     def rows(self, config: str) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
         """Validated rows per split, and per split the refs skipped because their image is unusable.
 
-        The rows are shared: a caller that adds columns (the miner) does so for every later caller.
+        The rows are shared between callers, so none may change them (the builder mines into copies).
         """
         if config not in self._rows:
             self._rows[config] = self._read_rows(config)
