@@ -6,12 +6,11 @@ sentences near their own image plus a shared text direction (the modality gap). 
 removes the sentence's cluster-mates, which are its best t2i candidates.
 
 The floor is the blocked float32 product ``text @ image.T`` with numpy BLAS (the full 140k x 20k
-matrix would take 11 GB, so it is computed in blocks and dropped); the selection is
-``nemo_hf.mine.select_negatives`` on the same arrays in the same run, BLAS and FAISS threads on all
-cores. Its log lines show how many sentences each FAISS search depth served: those after the first
-needed deeper lists because the filter dropped their best candidates, and how many needed their
-whole-pool score row. Peak memory is the process's peak RSS (``resource.getrusage``), which
-includes the inputs.
+matrix would take 11 GB, so it is computed in blocks and dropped), BLAS on all cores; the selection
+is ``nemo_hf.mine.select_negatives`` on the same arrays in the same run: the same product in blocks,
+one block per core, plus the filter (for i2i, one image-image row per distinct own image, about a
+seventh of the product here), FAISS's top-k heap, and the fallbacks. Peak memory is the process's peak
+RSS (``resource.getrusage``), which includes the inputs.
 
     python bench/bench_search.py [--images 20000] [--sentences 140000] [--dim 512]
 """

@@ -8,11 +8,15 @@ The rule, per training sentence (the one the official NeMo loader applies to its
 3. keep the first ``top_k`` survivors. When nothing survives over the whole pool, keep the ``top_k``
    least similar images instead (the official loader's "last 300 of the list") and flag the sentence.
 
-The ranking is FAISS's: an exact flat inner-product search by default, IVF or HNSW as options. Each
-sentence gets its top few candidates, filtered here; the few sentences whose candidates run out of
-survivors are searched again deeper, down to the whole pool. Scores are FAISS's float32 dot
-products and ties go to the lower image row, so the result equals the rule computed in any other
-way up to the order of candidates whose cosines agree within float32 rounding.
+Exact search is the default: each sentence's scores against the whole pool are computed in blocks
+(one BLAS product, the cost floor of any exact search), the filter sets what it drops to -inf, and
+FAISS's heap selection (``faiss.kmax``) takes the first ``top_k`` of what is left. FAISS's own
+``IndexFlatIP.search`` cannot do this: its ID filter is one set per call, not one per sentence, so it
+would need lists deep enough to outlast the filter, and a sentence deep in a cluster of its image's
+near-duplicates needs hundreds. IVF and HNSW indexes are options for pools far larger than COCO:
+their top lists are filtered here, and the few sentences they leave short get the exact treatment.
+Scores are float32 dot products and ties go to the lower image row, so the result equals the rule
+computed in any other way up to the order of candidates whose cosines agree within float32 rounding.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from nemo_hf import __version__
 
@@ -46,9 +52,9 @@ class MiningParams:
       sentence-image pairs for ``t2i``), estimated on a seeded sample of ``sample_pairs`` pairs.
     - ``top_k``: how many survivors each sentence keeps (the loader samples 3 of them per epoch).
     - ``mode``: ``"i2i"`` or ``"t2i"``, which similarity ``tau`` bounds.
-    - ``index``: ``"flat"`` exact FAISS search (IndexFlatIP); ``"ivf"`` or ``"hnsw"`` approximate FAISS
-      indexes for pools far larger than COCO (sentences left short by them are finished on their
-      exact whole-pool scores, so fallbacks stay exact).
+    - ``index``: ``"flat"`` exact search over every pool image (module docstring); ``"ivf"`` or
+      ``"hnsw"`` approximate FAISS indexes for pools far larger than COCO (sentences left short by them
+      are finished on their exact whole-pool scores, so fallbacks stay exact).
     - ``seed``: the percentile sample and the IVF training.
 
     Defaults: the paper warns that negatives too similar to the target become false negatives and
@@ -134,7 +140,9 @@ def select_negatives(
     ``text_emb`` (n, d) and ``image_emb`` (m, d) are L2-normalised; ``text_image_row[i]`` is the row of
     sentence i's own image in ``image_emb``; ``pool_rows`` the rows that may be negatives (a
     sentence's own image is never its own negative, whether or not it is in the pool). ``threads``
-    (default: the cores this process may use) is FAISS's OpenMP thread count during the call.
+    (default: the cores this process may use) is how many blocks of exact scores are worked on at
+    once, each on one BLAS and one FAISS thread (cache-sized blocks, no thread hand-offs inside a
+    block), and FAISS's OpenMP thread count for an approximate index.
     """
     text = _unit_rows(text_emb, "text_emb")
     image = _unit_rows(image_emb, "image_emb")
@@ -154,14 +162,13 @@ def select_negatives(
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     previous_threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
     try:
-        if params.index == "flat":
-            index = faiss.IndexFlatIP(text.shape[1])
-            index.add(rule.pool_emb)
-        else:
-            index = _approximate_index(rule.pool_emb, params)
-        rule.whole_pool(rule.search(index, np.arange(len(text))))
+        sentences = np.arange(len(text))
+        if params.index != "flat":
+            faiss.omp_set_num_threads(threads)
+            sentences = rule.search(_approximate_index(rule.pool_emb, params), sentences)
+        faiss.omp_set_num_threads(1)
+        rule.whole_pool(sentences, threads)
     finally:
         faiss.omp_set_num_threads(previous_threads)
     return rule.selection()
@@ -323,21 +330,21 @@ def _approximate_index(pool_emb: np.ndarray, params: MiningParams) -> faiss.Inde
 
 
 class _RuleSearch:
-    """The rule on a FAISS index's top lists, and on full score rows for the sentences they leave short.
+    """The rule on whole-pool score rows (exact), or on an approximate index's top lists.
 
     Lists are ``first_depth`` long, then ``widen`` times longer for the sentences whose list held
-    fewer than ``top_k`` survivors; sentences still short (deep in a big cluster of near-duplicates
-    for i2i, or with most of the pool above tau for t2i) get their whole score row, which also
-    settles the fallback. Lists are searched ``batch_entries`` (sentence, candidate) pairs at a time.
-    The i2i filter is computed along a list only as far as it takes to find ``top_k`` survivors.
+    fewer than ``top_k`` survivors; sentences still short get their whole score row, which also
+    settles the fallback. Lists are searched ``batch_entries`` (sentence, candidate) pairs at a time,
+    score rows ``block_bytes`` of float32 at a time. The i2i filter is computed along a list only as
+    far as it takes to find ``top_k`` survivors.
     """
 
-    def __init__(self, text, own_rows, image, pool, tau: float, params: MiningParams, widen: int = 8,
-                 batch_entries: int = 2**20, block_bytes: int = 2**26):
+    widen, batch_entries, block_bytes = 8, 2**20, 2**26
+
+    def __init__(self, text, own_rows, image, pool, tau: float, params: MiningParams):
         self.text, self.own_rows, self.image, self.pool, self.tau = text, own_rows, image, pool, tau
-        self.k, self.mode, self.widen = params.top_k, params.mode, widen
+        self.k, self.mode = params.top_k, params.mode
         self.first_depth = 4 * self.k + 16
-        self.batch_entries, self.block_bytes = batch_entries, block_bytes
         self.pool_emb = np.ascontiguousarray(image[pool])
         position = np.full(len(image), -1, dtype=np.int64)
         position[pool] = np.arange(len(pool))
@@ -376,26 +383,40 @@ class _RuleSearch:
         self._record(sent[done], score[done], pos[done], keep[done])
         return sent[~done]
 
-    def whole_pool(self, sentences: np.ndarray) -> None:
-        """Decide sentences on their full score rows; the fallback for those with no survivor at all."""
-        if sentences.size:
-            _LOG.info("whole pool rows for %d sentences", len(sentences))
+    def whole_pool(self, sentences: np.ndarray, threads: int) -> None:
+        """Decide sentences on their full score rows, ``threads`` blocks at a time (see select_negatives)."""
+        if not sentences.size:
+            return
+        _LOG.info("whole-pool score rows for %d sentences", len(sentences))
+        todo = sentences[np.argsort(self.own_rows[sentences], kind="stable")]  # same image together
         rows = max(1, self.block_bytes // (4 * len(self.pool)))
-        pos = np.arange(len(self.pool))
-        for start in range(0, len(sentences), rows):
-            sent = sentences[start : start + rows]
+        blocks = [todo[start : start + rows] for start in range(0, len(todo), rows)]
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as workers:
+            for _ in workers.map(self._score_block, blocks):
+                pass  # re-raises a worker's exception
+
+    def _score_block(self, sent: np.ndarray) -> None:
+        score = self.text[sent] @ self.pool_emb.T
+        own = self.own_pos[sent]
+        in_pool = np.flatnonzero(own >= 0)
+        score[in_pool, own[in_pool]] = -np.inf
+        if self.mode == "t2i":
+            np.putmask(score, score > self.tau, -np.inf)
+        else:  # one i2i row per distinct own image of the block, its drops applied to the image's sentences
+            images, image_of = np.unique(self.own_rows[sent], return_inverse=True)
+            drops = self.image[images] @ self.pool_emb.T > self.tau
+            score[drops[image_of]] = -np.inf
+        best, pos = faiss.kmax(score, min(self.k, len(self.pool)))
+        kept = pos >= 0  # dropped (-inf) scores never enter FAISS's heap
+        fallback = ~kept[:, 0]
+        self._record(sent[~fallback], best[~fallback], pos[~fallback], kept[~fallback])
+        if fallback.any():  # rare: recompute the rows the filter emptied, and take their least similar
+            sent = sent[fallback]
             score = self.text[sent] @ self.pool_emb.T
-            valid = pos[None, :] != self.own_pos[sent, None]
-            if self.mode == "t2i":
-                keep = valid & (score <= self.tau)
-            else:
-                images, image_of = np.unique(self.own_rows[sent], return_inverse=True)
-                keep = valid & ((self.image[images] @ self.pool_emb.T)[image_of] <= self.tau)
-            fallback = ~keep.any(axis=1)
-            positions = np.broadcast_to(pos, score.shape)
-            self._record(sent[~fallback], score[~fallback], positions[~fallback], keep[~fallback])
+            positions = np.broadcast_to(np.arange(len(self.pool)), score.shape)
+            valid = positions != self.own_pos[sent, None]
             # the last top_k of the ranked list: the first top_k of it reversed, then put best first
-            self._record(sent[fallback], -score[fallback], positions[fallback], valid[fallback], reverse=True)
+            self._record(sent, -score, positions, valid, reverse=True)
 
     def _dropped_along(self, sent, score, pos, valid) -> np.ndarray:
         """The filter's verdict on a list's candidates, computed (i2i) only until top_k survive."""

@@ -184,7 +184,7 @@ def assert_rule_up_to_rounding(sel, text, own, images, pool, k, mode, tol=1e-5):
 @pytest.mark.parametrize("tau", ["p50", "p95", "p99.9", -0.9])
 def test_search_equals_brute_force(mode, tau):
     rng = np.random.default_rng(7)
-    text, own, images = clustered(rng, 500, 240, 24, 12, duplicates=40)
+    text, own, images = clustered(rng, 500, 240, 24, 12)
     pool = np.sort(rng.choice(500, 420, replace=False))
     params = MiningParams(tau=tau, top_k=9, mode=mode, sample_pairs=20_000)
     sel = select_negatives(text, own, images, pool, params)
@@ -193,17 +193,34 @@ def test_search_equals_brute_force(mode, tau):
     assert select_negatives(text, own, images, pool, params, threads=1).rows.tolist() == sel.rows.tolist()
 
 
-def test_search_deepens_past_candidates_the_filter_drops():
+@pytest.mark.parametrize("mode", ["i2i", "t2i"])
+def test_search_with_duplicate_images_in_many_blocks(mode, monkeypatch):
+    # duplicated images score equal up to float32 rounding (BLAS may round two equal columns
+    # differently), so either copy is the rule's; blocks of 16 rows make the threads share the work
+    rng = np.random.default_rng(7)
+    text, own, images = clustered(rng, 500, 240, 24, 12, duplicates=40)
+    pool = np.sort(rng.choice(500, 420, replace=False))
+    params = MiningParams(tau="p95", top_k=9, mode=mode, sample_pairs=20_000)
+    monkeypatch.setattr("nemo_hf.mine._RuleSearch.block_bytes", 16 * 4 * len(pool))
+    sel = select_negatives(text, own, images, pool, params, threads=2)
+    assert_rule_up_to_rounding(sel, text, own, images, pool, 9, mode)
+    assert select_negatives(text, own, images, pool, params, threads=1).rows.tolist() == sel.rows.tolist()
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_search_goes_past_candidates_the_filter_drops(index):
     # tight clusters of 60 (i2i > 0.82 within, < 0.5 across): a sentence's best ~60 candidates are its
-    # cluster-mates, all dropped by i2i, so its first list (4 * top_k + 16 = 28 long) has no survivor
-    # and must be searched deeper
+    # cluster-mates, all dropped by i2i; an approximate index's first list (4 * top_k + 16 = 28 long)
+    # then has no survivor and must be searched deeper
     rng = np.random.default_rng(5)
     centers = unit(*rng.standard_normal((10, 32)))
     images = unit(*(np.repeat(centers, 60, axis=0) + 0.05 * rng.standard_normal((600, 32))))
     own = rng.integers(0, 600, 50)
     text = unit(*(images[own] + 0.05 * rng.standard_normal((50, 32))))
-    sel = select_negatives(text, own, images, np.arange(600), MiningParams(tau=0.8, top_k=3))
-    assert assert_rule_up_to_rounding(sel, text, own, images, np.arange(600), 3, "i2i") == 0
+    sel = select_negatives(text, own, images, np.arange(600), MiningParams(tau=0.8, top_k=3, index=index))
+    if index == "flat":
+        assert assert_rule_up_to_rounding(sel, text, own, images, np.arange(600), 3, "i2i") == 0
+    assert (sel.counts == 3).all() and not sel.fallback.any()
     assert all(not np.isin(sel.negatives(i)[0] // 60, own[i] // 60).any() for i in range(50))
 
 
