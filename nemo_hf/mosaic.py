@@ -7,8 +7,10 @@ changes every epoch. `EvalTransform` renders evaluation rows (one sentence each,
 `explode_sentences`) with the same output columns plus what is needed to map a prediction back.
 
 Speed: a tile is a quarter of the output, so JPEGs are decoded at the smallest DCT scale whose result
-still covers the tile (libjpeg-turbo scaling through simplejpeg) and then resized; the target mask is
-sampled from its RLE at tile resolution (`geometry.rle_sample`), never decoded at full size.
+still covers the tile (libjpeg-turbo scaling through simplejpeg) and then resized straight into a numpy
+canvas (`geometry.resize_pixels`); the target mask is sampled from its RLE at tile resolution
+(`geometry.rle_sample`), never decoded at full size. PIL comes in only for non-JPEG sources and for
+the output image when arrays are not asked for.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import simplejpeg
 from PIL import Image
 
 from . import schema
-from .geometry import TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
+from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
 
 MODES = ("single", "random", "retrieval")
 OUTPUT_COLUMNS = (
@@ -43,14 +45,6 @@ SPATIAL_WORDS = {
 }
 # Mean ImageNet colour: letterbox padding becomes ~0 after the usual normalisation.
 DEFAULT_FILL = (124, 116, 104)
-# Tile resampling after the DCT-scaled decode (which leaves a factor below 2): bilinear is the quality
-# default; box is ~30% cheaper; nearest costs almost nothing but aliases (see bench/bench_mosaic.py).
-RESAMPLE = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "nearest": Image.Resampling.NEAREST,
-}
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _JPEG_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to RGB itself; CMYK/YCCK go through PIL
 
@@ -91,14 +85,13 @@ class EncodedImage:
             self._pil = Image.open(io.BytesIO(data))
             self.size = self._pil.size
 
-    def decode(self, min_size: tuple[int, int]) -> Image.Image:
-        """RGB pixels at the smallest JPEG DCT scale whose result is at least ``min_size`` (w, h)."""
+    def decode(self, min_size: tuple[int, int]) -> np.ndarray:
+        """RGB pixels (uint8 HxWx3) at the smallest JPEG DCT scale whose result is at least ``min_size`` (w, h)."""
         if self._pil is None:
             try:
-                pixels = simplejpeg.decode_jpeg(
+                return simplejpeg.decode_jpeg(
                     self.data, colorspace="RGB", min_width=min_size[0], min_height=min_size[1], strict=True
                 )
-                return Image.fromarray(pixels)
             except ValueError:
                 # A libjpeg warning (say, extraneous bytes before a marker) or real damage: PIL tolerates
                 # the first and raises on the second, like any full decoder.
@@ -106,14 +99,15 @@ class EncodedImage:
         image = self._pil
         if image.format == "JPEG":
             image.draft("RGB", min_size)
-        return image.convert("RGB")
+        return np.array(image.convert("RGB"))
 
 
 class ImageTable:
     """image_id -> encoded bytes from the ``images`` config (or a Mapping), indexed lazily once per process.
 
     Only the index-free source (the Dataset or Mapping) is pickled; each process rebuilds the
-    image_id -> row index on first use and reads the encoded bytes without decoding them.
+    image_id -> row index on first use and then reads a cell's bytes straight from the dataset's
+    (memory-mapped) Arrow column, a few microseconds instead of a formatted row's tens.
     """
 
     def __init__(self, images, pool: Sequence[int] | None = None, config: str | None = None):
@@ -130,12 +124,12 @@ class ImageTable:
         self.images = images
         self.config = config
         self._given_pool = None if pool is None else [int(i) for i in pool]
-        self._index: dict[int, int] | None = None
-        self._raw = None
+        self._index: dict[int, tuple[int, int]] | None = None
+        self._cells = None
         self._pool: list[int] | None = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_index": None, "_raw": None, "_pool": None}
+        return {**self.__dict__, "_index": None, "_cells": None, "_pool": None}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -144,14 +138,20 @@ class ImageTable:
         kind = "Mapping" if isinstance(self.images, Mapping) else "Dataset"
         return f"<{kind} of {len(self)} images>"
 
-    def _dataset_index(self) -> dict[int, int]:
+    def _dataset_index(self) -> dict[int, tuple[int, int]]:
+        """image_id -> (chunk, offset) in the Arrow ``image`` column, over the rows the Dataset shows."""
         if self._index is None:
-            ids = self.images.select_columns(["image_id"]).with_format("arrow")[:]["image_id"].to_pylist()
-            self._index = {int(image_id): row for row, image_id in enumerate(ids)}
-            raw = self.images.select_columns(["image"]).with_format(None)
-            if raw.features["image"].decode:
-                raw = raw.cast_column("image", datasets.Image(decode=False))
-            self._raw = raw
+            table = self.images.data.table
+            # a select/shuffle/filter view shows some rows of its table, through an indices mapping
+            mapping = self.images._indices
+            rows = np.arange(len(table)) if mapping is None else mapping.column(0).to_numpy()
+            ids = table.column("image_id").to_numpy()[rows]
+            column = table.column("image")
+            starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+            chunk = np.searchsorted(starts, rows, side="right") - 1
+            offset = rows - starts[chunk]
+            self._index = {int(i): (int(c), int(o)) for i, c, o in zip(ids, chunk, offset)}
+            self._cells = [(chunk.field("bytes"), chunk.field("path")) for chunk in column.chunks]
         return self._index
 
     def bytes_of(self, image_id: int) -> bytes | None:
@@ -159,14 +159,15 @@ class ImageTable:
         if isinstance(self.images, Mapping):
             data = self.images.get(int(image_id))
             return data["bytes"] if isinstance(data, Mapping) else data
-        row = self._dataset_index().get(int(image_id))
-        if row is None:
+        place = self._dataset_index().get(int(image_id))
+        if place is None:
             return None
-        cell = self._raw[row]["image"]
-        if cell["bytes"] is None and cell["path"]:
-            with open(cell["path"], "rb") as f:
+        encoded, path = self._cells[place[0]]
+        data = encoded[place[1]].as_py()
+        if data is None and path[place[1]].is_valid:
+            with open(path[place[1]].as_py(), "rb") as f:
                 return f.read()
-        return cell["bytes"]
+        return data
 
     def pool(self) -> list[int]:
         """The random-mode pool: images whose ``negative_pool_of`` names the config (never val/test images)."""
@@ -236,8 +237,8 @@ class _Renderer:
     def __init__(self, images, output_size, tile, return_arrays, fill, resample, pool=None, config=None):
         if tile not in TILE_MODES:
             raise ValueError(f"unknown tile mode {tile!r}; expected one of {TILE_MODES}")
-        if resample not in RESAMPLE:
-            raise ValueError(f"unknown resample {resample!r}; expected one of {tuple(RESAMPLE)}")
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"unknown resample {resample!r}; expected one of {RESAMPLE_MODES}")
         self.images = images if isinstance(images, ImageTable) else ImageTable(images, pool=pool, config=config)
         self.output_size = int(output_size)
         grid_cells(self.output_size)  # validates the size
@@ -255,9 +256,8 @@ class _Renderer:
         except _DECODE_ERRORS as err:
             raise ValueError(f"ref {row.get('ref_id')}: target image {image_id} cannot be read: {err}") from err
 
-    def _paint(self, source: EncodedImage, placement: Placement, canvas: Image.Image) -> None:
-        pixels = source.decode((placement.w, placement.h))
-        placement.place_image(pixels, canvas, RESAMPLE[self.resample])
+    def _paint(self, source: EncodedImage, placement: Placement, canvas: np.ndarray) -> None:
+        placement.place_image(source.decode((placement.w, placement.h)), canvas, self.resample)
 
     def _paint_target(self, row, source, cell, canvas, mask_canvas, notes) -> tuple[Placement, list[float]]:
         """Target pixels and mask into ``cell``; returns the placement and the box of the rendered mask."""
@@ -277,13 +277,16 @@ class _Renderer:
             box = placement.map_box(row.get("bbox") or (0, 0, 0, 0))
         return placement, box
 
-    def _new_canvas(self) -> tuple[Image.Image, np.ndarray]:
+    def _new_canvas(self) -> tuple[np.ndarray, np.ndarray]:
         size = self.output_size
-        return Image.new("RGB", (size, size), self.fill), np.zeros((size, size), dtype=np.uint8)
+        canvas = np.empty((size, size, 3), dtype=np.uint8)
+        canvas[0] = self.fill
+        canvas[1:] = canvas[0]  # row copies: broadcasting the colour over every pixel is 40x slower
+        return canvas, np.zeros((size, size), dtype=np.uint8)
 
     def _output(self, canvas, mask, box, sentence, sent_id, row, quadrant, tile_ids, mode, notes) -> dict:
         return {
-            "image": np.array(canvas) if self.return_arrays else canvas,  # writable, for torch.from_numpy
+            "image": canvas if self.return_arrays else Image.fromarray(canvas),
             "mask": mask,
             "bbox": box,
             "sentence": sentence,

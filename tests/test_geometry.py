@@ -8,7 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from nemo_hf.geometry import Placement, grid_cells, mask_box, prediction_to_original, rle_runs, rle_sample
+from PIL import Image, ImageFilter
+
+from nemo_hf.geometry import (
+    Placement,
+    grid_cells,
+    mask_box,
+    prediction_to_original,
+    resize_pixels,
+    rle_runs,
+    rle_sample,
+)
 
 
 def rle_of(mask: np.ndarray) -> dict:
@@ -102,3 +112,24 @@ def test_prediction_maps_back_to_the_original_resolution():
     assert probs.dtype == np.float32 and probs.shape == (300, 500)
     iou = ((probs > 0) & (orig > 0)).sum() / ((probs > 0) | (orig > 0)).sum()
     assert iou > 0.95
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(8, 120), w=st.integers(8, 120), fy=st.floats(0.3, 2.5), fx=st.floats(0.3, 2.5),
+    resample=st.sampled_from(["bilinear", "bicubic"]), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_resize_pixels_is_pils_filter(h, w, fy, fx, resample, seed):
+    noise = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1.5))
+    size = (max(1, round(w * fx)), max(1, round(h * fy)))
+    ours = resize_pixels(np.asarray(image), size, resample)  # a read-only array, as PIL hands out
+    pil = np.asarray(image.resize(size, Image.Resampling[resample.upper()]))
+    assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+    # the same filter weights; torch and PIL round their fixed-point sums differently
+    assert np.abs(ours.astype(int) - pil).max() <= (1 if resample == "bilinear" else 2)
+
+
+def test_resize_pixels_rejects_an_unknown_filter():
+    with pytest.raises(ValueError, match="unknown resample 'lanczos'"):
+        resize_pixels(np.zeros((4, 4, 3), np.uint8), (2, 2), "lanczos")

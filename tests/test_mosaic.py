@@ -23,6 +23,7 @@ from nemo_hf.mosaic import (
     EVAL_COLUMNS,
     OUTPUT_COLUMNS,
     EvalTransform,
+    ImageTable,
     NeMoMosaic,
     Warmup,
     explode_sentences,
@@ -394,6 +395,23 @@ def collate_digests(rows):
     }
 
 
+def test_image_table_reads_views_chunks_and_paths(world, tmp_path):
+    images, blobs = world["images"], world["blobs"]
+    view = images.shuffle(seed=3).select(range(9))  # an indices mapping that leaves three images out
+    shown = set(view["image_id"])
+    table = ImageTable(view)
+    assert [table.bytes_of(i) for i in range(12)] == [blobs[i] if i in shown else None for i in range(12)]
+    # several Arrow chunks, and a cell that holds a path instead of bytes
+    (tmp_path / "7.jpg").write_bytes(blobs[7])
+    tail = datasets.Dataset.from_dict(
+        {**images.select([7]).to_dict(), "image_id": [99], "image": [{"bytes": None, "path": str(tmp_path / "7.jpg")}]},
+        features=images.features,
+    )
+    table = ImageTable(datasets.concatenate_datasets([images.select(range(6)).flatten_indices(), images.select(range(6, 12)), tail]))
+    assert len(table._dataset_index()) == 13 and len(table._cells) >= 2
+    assert [table.bytes_of(i) for i in [*range(12), 99]] == [*blobs, blobs[7]]
+
+
 def test_streaming_map_matches_set_transform(world):
     transform = NeMoMosaic(world["images"], output_size=48, p={"retrieval": 1.0}, return_arrays=True)
     streamed = list(world["refs"].to_iterable_dataset().map(transform, batched=True, batch_size=4))
@@ -407,7 +425,7 @@ def test_pickle_carries_no_index_and_repr_reads(world):
     before = transform(batch_of(world["rows"][:2]))
     assert transform.images._index is not None
     clone = pickle.loads(pickle.dumps(transform))
-    assert clone.images._index is None and clone.images._raw is None
+    assert clone.images._index is None and clone.images._cells is None
     after = clone(batch_of(world["rows"][:2]))
     assert [i.tobytes() for i in after["image"]] == [i.tobytes() for i in before["image"]]
     text = repr(transform)
