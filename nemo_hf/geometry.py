@@ -121,7 +121,7 @@ def resize_pixels(pixels: np.ndarray, size: Sequence[int], resample: str = "bili
     pixels = np.require(pixels, np.uint8, ["C", "W"])  # torch reads it in place
     h, w = pixels.shape[:2]
     # an NCHW view of the interleaved pixels, with a batch stride that makes it unambiguously channels-last:
-    # the uint8 kernels then work in place on it and return channels-last, i.e. interleaved, pixels
+    # the uint8 kernels then read it without a copy and return channels-last, i.e. interleaved, pixels
     source = torch.from_numpy(pixels).as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
     out = F.interpolate(source, size=(size[1], size[0]), mode=resample, antialias=True)
     return out[0].permute(1, 2, 0).numpy()
