@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
@@ -119,6 +119,7 @@ def test_prediction_maps_back_to_the_original_resolution():
     h=st.integers(8, 120), w=st.integers(8, 120), fy=st.floats(0.3, 2.5), fx=st.floats(0.3, 2.5),
     resample=st.sampled_from(["bilinear", "bicubic"]), seed=st.integers(0, 2**16),
 )  # fmt: skip
+@example(h=60, w=100, fy=1.09375, fx=1.1015625, resample="bilinear", seed=1)  # off by two in one pixel
 def test_resize_pixels_is_pils_filter(h, w, fy, fx, resample, seed):
     noise = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     image = Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1.5))
@@ -126,8 +127,10 @@ def test_resize_pixels_is_pils_filter(h, w, fy, fx, resample, seed):
     ours = resize_pixels(np.asarray(image), size, resample)  # a read-only array, as PIL hands out
     pil = np.asarray(image.resize(size, Image.Resampling[resample.upper()]))
     assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
-    # the same filter weights; torch and PIL round their fixed-point sums differently
-    assert np.abs(ours.astype(int) - pil).max() <= (1 if resample == "bilinear" else 2)
+    # the same filter weights; torch and PIL round their fixed-point sums differently, once in each of the
+    # two separable passes, so a pixel can be off by two grey levels, and on average by far less than one
+    error = np.abs(ours.astype(int) - pil)
+    assert error.max() <= 2 and error.mean() < 0.5
 
 
 def test_resize_pixels_rejects_an_unknown_filter():
