@@ -6,7 +6,8 @@ and colour jitter), output 480 (tiles 240), retrieval mode, in one process and o
   (a) NeMoMosaic: DCT-scaled decode, resize, paste; the target mask sampled from its RLE at tile size
       (PIL output by default; with return_arrays=True, what a DataLoader is given)
   (b) naive: full-size decode of the four JPEGs, resize each to the tile, paste; full-size mask decode + resize
-  (c) floor: decoding the four JPEGs at the smallest DCT scale still >= the tile (the same decoder call as (a))
+  (c) floor: decoding the four JPEGs at the smallest DCT scale still >= the tile, to RGB (the decoder
+      call of (a) with arrays; for PIL output (a) decodes to RGBX, PIL's own layout, at the same cost)
 
 Then the samples/s of a torch DataLoader with 2 workers against the same loader in the main process.
 Per-sample times are the best of several interleaved rounds, in CPU time of this process (robust to

@@ -87,7 +87,7 @@ class Placement:
         return pixel_centres(self.h, self.src_h), pixel_centres(self.w, self.src_w)
 
     def place_image(self, pixels: np.ndarray, canvas: np.ndarray, resample: str = "bilinear") -> None:
-        """Resize ``pixels`` (uint8 HxWx3: the whole source, possibly decoded at a reduced scale) into the content rect."""
+        """Resize ``pixels`` (uint8 HxWxC: the whole source, possibly decoded at a reduced scale) into the content rect."""
         target = canvas[self.y : self.y + self.h, self.x : self.x + self.w]
         target[...] = pixels if pixels.shape[:2] == (self.h, self.w) else resize_pixels(pixels, (self.w, self.h), resample)
 
@@ -112,17 +112,17 @@ class Placement:
 
 
 def resize_pixels(pixels: np.ndarray, size: Sequence[int], resample: str = "bilinear") -> np.ndarray:
-    """uint8 HxWx3 -> (h, w, 3) for ``size`` (w, h), with the ``resample`` filter (`RESAMPLE_MODES`)."""
+    """uint8 HxWxC -> (h, w, C) for ``size`` (w, h), with the ``resample`` filter (`RESAMPLE_MODES`)."""
     import torch
     import torch.nn.functional as F
 
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"unknown resample {resample!r}; expected one of {RESAMPLE_MODES}")
     pixels = np.require(pixels, np.uint8, ["C", "W"])  # torch reads it in place
-    h, w = pixels.shape[:2]
+    h, w, c = pixels.shape
     # an NCHW view of the interleaved pixels, with a batch stride that makes it unambiguously channels-last:
     # the uint8 kernels then read it without a copy and return channels-last, i.e. interleaved, pixels
-    source = torch.from_numpy(pixels).as_strided((1, 3, h, w), (h * w * 3, 1, w * 3, 3))
+    source = torch.from_numpy(pixels).as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
     out = F.interpolate(source, size=(size[1], size[0]), mode=resample, antialias=True)
     return out[0].permute(1, 2, 0).numpy()
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import simplejpeg
 from PIL import Image
 
@@ -85,12 +86,13 @@ class EncodedImage:
             self._pil = Image.open(io.BytesIO(data))
             self.size = self._pil.size
 
-    def decode(self, min_size: tuple[int, int]) -> np.ndarray:
-        """RGB pixels (uint8 HxWx3) at the smallest JPEG DCT scale whose result is at least ``min_size`` (w, h)."""
+    def decode(self, min_size: tuple[int, int], layout: str = "RGB") -> np.ndarray:
+        """Pixels (uint8 HxWx3 for ``RGB``, HxWx4 for ``RGBX``) at the smallest JPEG DCT scale whose result is
+        at least ``min_size`` (w, h)."""
         if self._pil is None:
             try:
                 return simplejpeg.decode_jpeg(
-                    self.data, colorspace="RGB", min_width=min_size[0], min_height=min_size[1], strict=True
+                    self.data, colorspace=layout, min_width=min_size[0], min_height=min_size[1], strict=True
                 )
             except ValueError:
                 # A libjpeg warning (say, extraneous bytes before a marker) or real damage: PIL tolerates
@@ -99,7 +101,29 @@ class EncodedImage:
         image = self._pil
         if image.format == "JPEG":
             image.draft("RGB", min_size)
-        return np.array(image.convert("RGB"))
+        return np.array(image.convert(layout))
+
+
+class _BinaryCells:
+    """One chunk of an Image column: a cell's bytes as a view of the (memory-mapped) Arrow buffer, or its file."""
+
+    def __init__(self, chunk):
+        encoded = chunk.field("bytes")
+        _, offsets, data = encoded.buffers()
+        width = np.int64 if encoded.type == pa.large_binary() else np.int32
+        self.offsets = np.frombuffer(offsets, width)[encoded.offset : encoded.offset + len(encoded) + 1]
+        self.missing = encoded.is_null().to_numpy(zero_copy_only=False)
+        self.data = memoryview(b"" if data is None else data).cast("B")  # Arrow exports signed chars
+        self.paths = chunk.field("path")
+
+    def get(self, i: int) -> bytes | memoryview | None:
+        if self.missing[i]:
+            path = self.paths[i].as_py()
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        return self.data[self.offsets[i] : self.offsets[i + 1]]
 
 
 class ImageTable:
@@ -151,23 +175,18 @@ class ImageTable:
             chunk = np.searchsorted(starts, rows, side="right") - 1
             offset = rows - starts[chunk]
             self._index = {int(i): (int(c), int(o)) for i, c, o in zip(ids, chunk, offset)}
-            self._cells = [(chunk.field("bytes"), chunk.field("path")) for chunk in column.chunks]
+            self._cells = [_BinaryCells(chunk) for chunk in column.chunks]
         return self._index
 
-    def bytes_of(self, image_id: int) -> bytes | None:
-        """Encoded bytes, or None when the id is not in the table."""
+    def bytes_of(self, image_id: int) -> bytes | memoryview | None:
+        """Encoded bytes (from a Dataset, a view of its Arrow buffer), or None when the id is not in the table."""
         if isinstance(self.images, Mapping):
             data = self.images.get(int(image_id))
             return data["bytes"] if isinstance(data, Mapping) else data
         place = self._dataset_index().get(int(image_id))
         if place is None:
             return None
-        encoded, path = self._cells[place[0]]
-        data = encoded[place[1]].as_py()
-        if data is None and path[place[1]].is_valid:
-            with open(path[place[1]].as_py(), "rb") as f:
-                return f.read()
-        return data
+        return self._cells[place[0]].get(place[1])
 
     def pool(self) -> list[int]:
         """The random-mode pool: images whose ``negative_pool_of`` names the config (never val/test images)."""
@@ -216,6 +235,16 @@ def _normalised(p: Mapping[str, float]) -> dict[str, float]:
     return {mode: p.get(mode, 0.0) / total for mode in MODES}
 
 
+def _draw_mode(rng: np.random.Generator, p: Mapping[str, float]) -> str:
+    """A mode with probabilities ``p``; one uniform draw (``rng.choice(p=...)`` costs 20 us a sample)."""
+    u = rng.random()
+    for mode in MODES:
+        u -= p[mode]
+        if u < 0:
+            return mode
+    return [mode for mode in MODES if p[mode] > 0][-1]  # u within rounding of 1
+
+
 def _shuffled(rng: np.random.Generator, pool: Sequence[int]) -> Iterator[int]:
     """Pool items in random order without replacement; lazy, so a 20k-image pool costs a few draws."""
     n = len(pool)
@@ -244,6 +273,9 @@ class _Renderer:
         grid_cells(self.output_size)  # validates the size
         self.tile = tile
         self.return_arrays = return_arrays
+        # Arrays are HxWx3. A PIL RGB image stores 4 bytes a pixel, so for PIL output the tiles are decoded,
+        # resized (torch's native 4-channel kernel) and pasted as RGBX, and PIL takes the canvas as it is.
+        self.layout = "RGB" if return_arrays else "RGBX"
         self.fill = tuple(fill)
         self.resample = resample
 
@@ -257,7 +289,7 @@ class _Renderer:
             raise ValueError(f"ref {row.get('ref_id')}: target image {image_id} cannot be read: {err}") from err
 
     def _paint(self, source: EncodedImage, placement: Placement, canvas: np.ndarray) -> None:
-        placement.place_image(source.decode((placement.w, placement.h)), canvas, self.resample)
+        placement.place_image(source.decode((placement.w, placement.h), self.layout), canvas, self.resample)
 
     def _paint_target(self, row, source, cell, canvas, mask_canvas, notes) -> tuple[Placement, list[float]]:
         """Target pixels and mask into ``cell``; returns the placement and the box of the rendered mask."""
@@ -279,14 +311,16 @@ class _Renderer:
 
     def _new_canvas(self) -> tuple[np.ndarray, np.ndarray]:
         size = self.output_size
-        canvas = np.empty((size, size, 3), dtype=np.uint8)
-        canvas[0] = self.fill
+        canvas = np.empty((size, size, len(self.layout)), dtype=np.uint8)
+        canvas[0] = self.fill + (255,) * (len(self.layout) - 3)
         canvas[1:] = canvas[0]  # row copies: broadcasting the colour over every pixel is 40x slower
         return canvas, np.zeros((size, size), dtype=np.uint8)
 
     def _output(self, canvas, mask, box, sentence, sent_id, row, quadrant, tile_ids, mode, notes) -> dict:
+        size = canvas.shape[1::-1]
+        image = canvas if self.return_arrays else Image.frombytes("RGB", size, canvas, "raw", self.layout)
         return {
-            "image": canvas if self.return_arrays else Image.fromarray(canvas),
+            "image": image,
             "mask": mask,
             "bbox": box,
             "sentence": sentence,
@@ -402,8 +436,7 @@ class NeMoMosaic(_Renderer):
             notes.append(f"split {split!r}: never mosaicked")
             mode = "single"
         else:
-            probs = self.mode_probabilities()
-            mode = MODES[int(rng.choice(len(MODES), p=[probs[m] for m in MODES]))]
+            mode = _draw_mode(rng, self.mode_probabilities())
         if mode == "single":
             return self._single(row, source, sentence, sent_id, notes)
 

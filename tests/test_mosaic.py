@@ -6,6 +6,7 @@ import io
 import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -26,6 +27,8 @@ from nemo_hf.mosaic import (
     ImageTable,
     NeMoMosaic,
     Warmup,
+    _draw_mode,
+    _normalised,
     explode_sentences,
     spatial_quadrants,
 )
@@ -218,8 +221,10 @@ def test_output_columns_and_types(world):
     assert all(len(ids) == 4 for ids in out["tile_image_ids"])
     for row, sentence in zip(world["rows"], out["sentence"]):
         assert sentence in [s["sent"] for s in row["sentences"]]
-    pil = NeMoMosaic(world["images"], output_size=96)(batch_of(world["rows"][:1]))["image"][0]
-    assert isinstance(pil, Image.Image) and pil.mode == "RGB" and pil.size == (96, 96)
+    pil = NeMoMosaic(world["images"], output_size=96, p={"retrieval": 1.0})(batch_of(world["rows"][:3]))["image"]
+    assert all(isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (96, 96) for img in pil)
+    # PIL output is rendered in PIL's own 4-byte layout, arrays in RGB: the same pixels
+    assert [np.asarray(img).tobytes() for img in pil] == [img.tobytes() for img in out["image"]]
 
 
 def test_retrieval_negatives_come_from_the_sentence_list_without_replacement(world):
@@ -281,6 +286,14 @@ def test_epochs_differ_seeds_reproduce(world):
     assert draw(0, 0) != draw(0, 1)
     assert draw(0, 0) != draw(1, 0)
     assert sum(a != b for a, b in zip(draw(0, 0), draw(0, 1))) >= 4
+
+
+def test_modes_are_drawn_with_their_probabilities():
+    rng = np.random.default_rng(0)
+    p = _normalised({"single": 1, "retrieval": 4})
+    counts = Counter(_draw_mode(rng, p) for _ in range(20_000))
+    assert set(counts) == {"single", "retrieval"}  # never a mode of probability zero
+    assert abs(counts["single"] / 20_000 - 0.2) < 0.015
 
 
 def test_warmup_schedule_is_random_only_before_the_switch(world):
@@ -576,6 +589,8 @@ def test_unusual_sources_render(small, variant):
     }[variant]()
     transform = NeMoMosaic({**images, 1: data}, output_size=60, p={"random": 1.0}, pool=[2, 3, 4], tile="letterbox")
     out = render_one(transform, ref_row(5, 1, mask))
+    arrays = NeMoMosaic({**images, 1: data}, 60, {"random": 1.0}, pool=[2, 3, 4], tile="letterbox", return_arrays=True)
+    assert np.array_equal(render_one(arrays, ref_row(5, 1, mask))["image"], np.asarray(out["image"]))
     check_sample(out, mask, 60, "letterbox", check_pixels=variant != "grayscale")
     if variant == "grayscale":
         x0, y0, x1, y1 = Placement.fit((40, 30), grid_cells(60)[out["target_quadrant"]], "letterbox").content_box
