@@ -5,7 +5,7 @@ the same placement to the pixels (resize + paste), to the mask (nearest-neighbou
 and to the box, so the three can never drift apart.
 
 Pixels are resized by torch's antialiased uint8 kernels: PIL's filters (same weights), vectorised
-for interleaved RGB, so a tile costs a fraction of PIL's resize and no conversion to or from PIL.
+for interleaved RGB or RGBX, so a tile costs a fraction of PIL's resize and no conversion to or from PIL.
 
 Conventions: sizes are (width, height), boxes [x, y, w, h] or [x0, y0, x1, y1] in pixels with
 the origin at the top-left corner of the top-left pixel; masks are uint8 arrays of shape (h, w).
