@@ -273,11 +273,14 @@ class _Renderer:
         grid_cells(self.output_size)  # validates the size
         self.tile = tile
         self.return_arrays = return_arrays
-        # Arrays are HxWx3. A PIL RGB image stores 4 bytes a pixel, so for PIL output the tiles are decoded,
-        # resized (torch's native 4-channel kernel) and pasted as RGBX, and PIL takes the canvas as it is.
-        self.layout = "RGB" if return_arrays else "RGBX"
         self.fill = tuple(fill)
         self.resample = resample
+
+    @property
+    def layout(self) -> str:
+        """Arrays are HxWx3. A PIL RGB image stores 4 bytes a pixel, so for PIL output the tiles are decoded,
+        resized (torch's native 4-channel kernel) and pasted as RGBX, and PIL takes the canvas as it is."""
+        return "RGB" if self.return_arrays else "RGBX"
 
     def _open_target(self, row: Mapping) -> EncodedImage:
         image_id = int(row["image_id"])
