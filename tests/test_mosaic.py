@@ -227,6 +227,24 @@ def test_output_columns_and_types(world):
     assert [np.asarray(img).tobytes() for img in pil] == [img.tobytes() for img in out["image"]]
 
 
+def test_each_tile_shows_its_own_image():
+    """Sources of many sizes, decoded one after another: each tile shows its own image, never a neighbour's."""
+    sizes = {1: (64, 48), 2: (300, 200), 3: (40, 90), 4: (640, 480), 5: (50, 50), 6: (120, 80)}
+    colours = {1: (200, 30, 30), 2: (30, 200, 30), 3: (30, 30, 200), 4: (200, 200, 30), 5: (30, 200, 200), 6: (90, 90, 90)}
+    images = {i: encode(Image.new("RGB", sizes[i], colours[i])) for i in sizes}
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:20, 10:30] = 1
+    transform = NeMoMosaic(images, output_size=96, p={"retrieval": 1.0}, return_arrays=True)
+    seen = set()
+    for ref_id in range(12):
+        out = render_one(transform, ref_row(ref_id, 1, mask, negatives=[[2, 3, 4, 5, 6]]))
+        for (x, y, w, h), image_id in zip(grid_cells(96), out["tile_image_ids"]):
+            tile = out["image"][y : y + h, x : x + w].reshape(-1, 3).astype(int)
+            assert np.abs(tile - colours[image_id]).max() <= 6, f"ref {ref_id}: tile of image {image_id}"
+            seen.add(image_id)
+    assert seen == set(sizes)
+
+
 def test_retrieval_negatives_come_from_the_sentence_list_without_replacement(world):
     transform = NeMoMosaic(world["images"], output_size=64, p={"retrieval": 1.0})
     drawn_for_ref0 = set()
