@@ -271,7 +271,8 @@ def main() -> None:
     child = [sys.executable, __file__, "--json", *sys.argv[1:]]
     results = []
     for k in range(args.processes):
-        result = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
+        stdout = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr passes through
+        result = json.loads(stdout.splitlines()[-1])
         results.append(result)
         print(f"-- process {k + 1}: JPEGs {'-'.join(map(str, result['jpeg_kb'][::2]))} KB (median {result['jpeg_kb'][1]})")
         print_process(result)
@@ -281,6 +282,7 @@ def main() -> None:
         values = [r[name] for r in per_process]
         goal = next((f" (goal {g})" for end, g in GOALS.items() if name.endswith(end)), "")
         print(f"  {name:40s} {np.median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]{goal}")
+
 
 if __name__ == "__main__":
     main()
