@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageEnhance, ImageOps
-from pycocotools import mask as mask_utils
+
+from nemo_hf.refer import decode_rle, encode_rle
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "images"  # ../shared beside the checkout
 SIZE = (640, 480)
@@ -72,8 +73,7 @@ def coco_like_jpegs(n: int, seed: int = 0) -> tuple[list[bytes], list[dict]]:
             if 60_000 <= buffer.tell() <= 160_000:
                 break
         blobs.append(buffer.getvalue())
-        rle = mask_utils.encode(np.asfortranarray((np.asarray(mask) > 0).astype(np.uint8)))
-        rles.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()})
+        rles.append(encode_rle(np.asarray(mask)))
     return blobs, rles
 
 
@@ -98,7 +98,7 @@ def build(n: int):
     rows = []
     for i in range(n):
         negatives = [int(j) for j in np.random.default_rng(i).permutation([j for j in range(n) if j != i])[:20]]
-        ys, xs = np.nonzero(mask_utils.decode({"size": rles[i]["size"], "counts": rles[i]["counts"].encode()}))
+        ys, xs = np.nonzero(decode_rle(rles[i]))
         rows.append({
             "ref_id": i, "ann_id": i, "image_id": i, "file_name": f"COCO_train2014_{i:012d}_{i}.jpg",
             "category_id": 62, "category": "chair", "split": "train",
@@ -120,7 +120,7 @@ def naive_mosaic(blobs: list[bytes], tile_ids: list[int], quadrant: int, rle: di
         full_image = Image.open(io.BytesIO(blobs[image_id])).convert("RGB")
         canvas.paste(full_image.resize((half, half), Image.Resampling.BILINEAR), (x, y))
         if q == quadrant:
-            full = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+            full = decode_rle(rle)
             resized = Image.fromarray(full).resize((half, half), Image.Resampling.NEAREST)
             mask[y : y + half, x : x + half] = np.asarray(resized)
     return canvas, mask

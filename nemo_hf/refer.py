@@ -135,9 +135,17 @@ def segmentation_to_rle(segmentation, height: int, width: int, where: str) -> di
     return {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")}
 
 
+def encode_rle(mask: np.ndarray) -> dict:
+    """A (h, w) mask (non-zero = object) as a row's ``mask`` column: compressed COCO RLE with ``counts`` a str."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask) != 0, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def decode_rle(rle: dict) -> np.ndarray:
-    """uint8 (h, w) mask of 0/1 from a row's ``mask`` column."""
-    return mask_utils.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")})
+    """uint8 (h, w) mask of 0/1 from a row's ``mask`` column (``counts`` as str or bytes)."""
+    counts = rle["counts"]
+    counts = counts.encode("ascii") if isinstance(counts, str) else counts
+    return mask_utils.decode({"size": [int(v) for v in rle["size"]], "counts": counts})
 
 
 def _sentences(ref: dict, where: str) -> list[dict]:

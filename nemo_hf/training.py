@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pycocotools import mask as mask_utils
 from transformers import Trainer
 
 from .metrics import DEFAULT_THRESHOLDS, RISMetrics
+from .refer import decode_rle
 
 TARGETS_KEY = "ris_targets"
 ORIGINAL_MASK_KEY = "orig_mask"  # COCO RLE {"size": [h, w], "counts": str} of the ground truth at original size
@@ -110,7 +110,7 @@ def eval_targets(rows: list[dict]) -> dict:
                 "at original size); render evaluation rows with nemo_hf.EvalTransform"
             )
         height, width = (int(v) for v in row["orig_size"])
-        gt = decode_rle(row[ORIGINAL_MASK_KEY])
+        gt = decode_rle(row[ORIGINAL_MASK_KEY]).astype(bool)
         if gt.shape != (height, width):
             raise ValueError(
                 f"sent_id={row.get('sent_id')}: ground truth is {gt.shape[0]}x{gt.shape[1]} but orig_size is "
@@ -130,13 +130,6 @@ def eval_targets(rows: list[dict]) -> dict:
         "content_boxes": torch.tensor(boxes, dtype=torch.float32),
         "sent_ids": torch.tensor([int(row.get("sent_id", -1)) for row in rows], dtype=torch.int64),
     }
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO compressed RLE (``counts`` as str or bytes) -> bool (h, w)."""
-    counts = rle["counts"]
-    encoded = {"size": [int(v) for v in rle["size"]], "counts": counts.encode() if isinstance(counts, str) else counts}
-    return mask_utils.decode(encoded).astype(bool)
 
 
 def _image_hw(image) -> tuple[int, int]:

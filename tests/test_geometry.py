@@ -19,11 +19,7 @@ from nemo_hf.geometry import (
     rle_runs,
     rle_sample,
 )
-
-
-def rle_of(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+from nemo_hf.refer import encode_rle
 
 
 @pytest.mark.parametrize("size", [2, 3, 417, 480])
@@ -63,7 +59,7 @@ masks = st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**32 -
 @settings(max_examples=150, deadline=None)
 @given(mask=masks, out_w=st.integers(1, 90), out_h=st.integers(1, 90))
 def test_rle_sample_equals_full_decode_then_nearest(mask, out_w, out_h):
-    rle = rle_of(mask)
+    rle = encode_rle(mask)
     assert rle_runs(rle["counts"]).sum() == mask.size
     placement = Placement(mask.shape[1], mask.shape[0], 0, 0, out_w, out_h)
     rows, cols = placement.source_rows_cols()
@@ -72,7 +68,7 @@ def test_rle_sample_equals_full_decode_then_nearest(mask, out_w, out_h):
 
 
 def test_rle_sample_rejects_counts_of_the_wrong_total():
-    rle = rle_of(np.ones((4, 5), np.uint8))
+    rle = encode_rle(np.ones((4, 5), np.uint8))
     with pytest.raises(ValueError, match="h\\*w"):
         rle_sample({"size": [4, 6], "counts": rle["counts"]}, np.arange(4), np.arange(6))
 
@@ -80,7 +76,7 @@ def test_rle_sample_rejects_counts_of_the_wrong_total():
 def test_place_mask_checks_the_size_against_the_image():
     placement = Placement.fit((50, 40), (0, 0, 20, 20))
     with pytest.raises(ValueError, match="does not match the image size"):
-        placement.place_mask(rle_of(np.ones((50, 40), np.uint8)), np.zeros((20, 20), np.uint8))
+        placement.place_mask(encode_rle(np.ones((50, 40), np.uint8)), np.zeros((20, 20), np.uint8))
 
 
 def test_map_box_scales_offsets_and_clips():
@@ -101,7 +97,7 @@ def test_prediction_maps_back_to_the_original_resolution():
     orig[100:220, 150:400] = 1
     placement = Placement.fit((500, 300), (0, 0, 480, 480), "letterbox")
     canvas = np.zeros((480, 480), np.uint8)
-    placement.place_mask(rle_of(orig), canvas)
+    placement.place_mask(encode_rle(orig), canvas)
     back = prediction_to_original(canvas, (300, 500), placement.content_box, 480)
     assert back.shape == (300, 500) and back.dtype == np.uint8
     iou = (back & orig).sum() / (back | orig).sum()

@@ -15,10 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from nemo_hf import schema
-from nemo_hf.refer import decode_rle
+from nemo_hf.refer import decode_rle, encode_rle
 from nemo_hf.geometry import Placement, grid_cells
 from nemo_hf.mosaic import (
     EVAL_COLUMNS,
@@ -72,11 +71,6 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def rle_of(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
-
-
 def ref_row(ref_id, image_id, mask, sentences=("the red thing",), negatives=None, split="train") -> dict:
     ys, xs = np.nonzero(mask)
     bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)] if xs.size else [0.0] * 4
@@ -94,7 +88,7 @@ def ref_row(ref_id, image_id, mask, sentences=("the red thing",), negatives=None
             {"sent_id": ref_id * 10 + k, "sent": s, "raw": s, "tokens": s.split()} for k, s in enumerate(sentences)
         ],
         "bbox": bbox,
-        "mask": rle_of(mask),
+        "mask": encode_rle(mask),
         "negatives": negatives,
         "negative_scores": [[0.5] * len(neg) for neg in negatives],
         "negative_fallback": [False] * n,

@@ -114,6 +114,17 @@ def test_mask_is_binarized_union_of_polygons():
     assert rle["size"] == [h, w] and isinstance(rle["counts"], str)
 
 
+def test_encode_rle_is_the_mask_column_and_decodes_back():
+    mask = np.zeros((7, 9), np.uint8)
+    mask[1:5, 2:8] = 3  # any non-zero value is the object
+    rle = refer.encode_rle(mask)
+    assert rle["size"] == [7, 9] and isinstance(rle["counts"], str)
+    assert rle == refer.segmentation_to_rle([[2, 1, 8, 1, 8, 5, 2, 5]], 7, 9, "test")  # the same column as a build's
+    np.testing.assert_array_equal(refer.decode_rle(rle), (mask > 0).astype(np.uint8))
+    as_bytes = {"size": rle["size"], "counts": rle["counts"].encode()}
+    np.testing.assert_array_equal(refer.decode_rle(as_bytes), (mask > 0).astype(np.uint8))
+
+
 def test_real_refcoco_polygons_match_pycocotools():
     data = json.loads(needs_shared(REALDATA / "annotations/rela_pr_instances_sample.json").read_text())
     images = {im["id"]: im for im in data["images"]}

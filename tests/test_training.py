@@ -11,6 +11,7 @@ from transformers import CLIPSegProcessor, CLIPTokenizerFast, Trainer, TrainingA
 
 from conftest import SHARED, needs_shared
 from nemo_hf.metrics import intersection_union, ris_metrics
+from nemo_hf.refer import encode_rle
 from nemo_hf.training import (
     ORIGINAL_MASK_KEY,
     TARGETS_KEY,
@@ -22,11 +23,6 @@ from nemo_hf.training import (
 )
 
 SENTENCES = ["the red square on the left", "blue thing", "top right", "small one at the bottom"]
-
-
-def rle(mask: np.ndarray) -> dict:
-    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(encoded["size"]), "counts": encoded["counts"].decode()}
 
 
 def scene(i: int, height: int, width: int) -> tuple[Image.Image, np.ndarray]:
@@ -78,7 +74,7 @@ def eval_dataset(n: int = 6) -> Dataset:
         rows["width"].append(width)
         rows["sentence"].append(SENTENCES[i % 4])
         rows["sent_id"].append(100 + i)
-        rows["mask"].append(rle(scene(i, height, width)[1]))
+        rows["mask"].append(encode_rle(scene(i, height, width)[1]))
     ds = Dataset.from_dict(rows)
     ds.set_transform(letterbox)
     return ds
