@@ -239,17 +239,23 @@ def test_each_tile_shows_its_own_image():
     assert seen == set(sizes)
 
 
+def negatives_by_epoch(transform, rows, epochs):
+    """(row, its three negative tile ids) for every row, rendered at epochs 0 .. epochs - 1."""
+    for epoch in range(epochs):
+        transform.set_epoch(epoch)
+        out = transform(batch_of(rows))
+        for row, ids, q in zip(rows, out["tile_image_ids"], out["target_quadrant"]):
+            yield row, ids[:q] + ids[q + 1 :]
+
+
 def test_retrieval_negatives_come_from_the_sentence_list_without_replacement(world):
     transform = NeMoMosaic(world["images"], output_size=64, p={"retrieval": 1.0})
     drawn_for_ref0 = set()
-    for epoch in range(4):
-        transform.set_epoch(epoch)
-        out = transform(batch_of(world["rows"][:8]))
-        for row, ids, q in zip(world["rows"], out["tile_image_ids"], out["target_quadrant"]):
-            negatives = ids[:q] + ids[q + 1 :]
-            assert len(set(negatives)) == 3 and set(negatives) <= set(row["negatives"][0])
-            assert row["image_id"] not in negatives
-        drawn_for_ref0 |= set(out["tile_image_ids"][0]) - {0}
+    for row, negatives in negatives_by_epoch(transform, world["rows"][:8], epochs=4):
+        assert len(set(negatives)) == 3 and set(negatives) <= set(row["negatives"][0])
+        assert row["image_id"] not in negatives
+        if row["ref_id"] == 0:
+            drawn_for_ref0 |= set(negatives)
     assert len(drawn_for_ref0) > 3  # sampled from the top K, not always the first three
 
 
@@ -265,13 +271,9 @@ def test_exploded_rows_keep_their_sentence(world):
 def test_random_mode_uses_the_configs_training_pool_only(world):
     transform = NeMoMosaic(world["images"], output_size=64, p={"random": 1.0}, config="refcoco_unc")
     seen = set()
-    for epoch in range(6):
-        transform.set_epoch(epoch)
-        out = transform(batch_of(world["rows"][:8]))
-        for row, ids, q in zip(world["rows"], out["tile_image_ids"], out["target_quadrant"]):
-            negatives = ids[:q] + ids[q + 1 :]
-            assert len(set(negatives)) == 3 and row["image_id"] not in negatives
-            seen |= set(negatives)
+    for row, negatives in negatives_by_epoch(transform, world["rows"][:8], epochs=6):
+        assert len(set(negatives)) == 3 and row["image_id"] not in negatives
+        seen |= set(negatives)
     assert seen <= set(range(10)) and len(seen) >= 8  # never the val images 10, 11
     with pytest.raises(ValueError, match="unknown config"):
         NeMoMosaic(world["images"], config="refcoco_xyz")
