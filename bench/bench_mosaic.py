@@ -92,6 +92,7 @@ def build(n: int):
             "license": [1] * n,
             "image": [{"bytes": b, "path": None} for b in blobs],
             "negative_pool_of": [["refcoco_unc"]] * n,
+            "objects": [[] for _ in range(n)],  # the mosaic does not read them unless return_objects
         },
         features=schema.IMAGES_FEATURES,
     )

@@ -166,10 +166,13 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         if not configs:
             raise ReferFormatError(f"{source.root}: no refs files found, so there are no images to build")
         images: dict[int, dict] = {}
+        holders: dict[int, dict[Path, refer.Instances]] = {}  # the instances files that hold each image
         for config in configs:
-            instances = source.instances(config).images
+            instances = source.instances(config)
             for split_rows in source.rows(config)[0].values():
-                images.update((row["image_id"], instances[row["image_id"]]) for row in split_rows)
+                for row in split_rows:
+                    images.setdefault(row["image_id"], instances.images[row["image_id"]])
+                    holders.setdefault(row["image_id"], {}).setdefault(instances.path, instances)
         pools = {config: set(source.training_pool(config)) for config in configs}
         for image_id in sorted(images):
             image = images[image_id]
@@ -181,5 +184,6 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
                 "license": int(image.get("license", 0)),
                 "image": {"bytes": source.image_path(image["file_name"]).read_bytes(), "path": image["file_name"]},
                 "negative_pool_of": [c for c in configs if image_id in pools[c]],
+                "objects": refer.image_objects(list(holders[image_id].values()), image_id),
             }
 

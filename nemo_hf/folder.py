@@ -135,8 +135,15 @@ def build_folder(
 
 def _prepare(builder, partial: Path, config: str, max_shard_size) -> dict:
     """Run the builder into Parquet and move its shards to ``data/<config>/<split>-XXXXX-of-YYYYY.parquet``."""
+    from datasets.exceptions import DatasetGenerationError
+
     staging = partial / ".staging" / config
-    builder.download_and_prepare(output_dir=str(staging), file_format="parquet", max_shard_size=max_shard_size)
+    try:
+        builder.download_and_prepare(output_dir=str(staging), file_format="parquet", max_shard_size=max_shard_size)
+    except DatasetGenerationError as err:  # a bad annotation found while rows are written: say which
+        if isinstance(err.__cause__, ReferFormatError):
+            raise err.__cause__ from None
+        raise
     target = partial / "data" / config
     target.mkdir(parents=True)
     splits = {}

@@ -11,7 +11,8 @@ import io
 import json
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,16 @@ class Instances:
     images: dict[int, dict]
     annotations: dict[int, dict]
     categories: dict[int, str]
+    supercategories: dict[int, str] = field(default_factory=dict)
+
+    @cached_property
+    def annotations_by_image(self) -> dict[int, list[dict]]:
+        """image_id -> its annotations (referred or not), in ``id`` order."""
+        by_image: dict[int, list[dict]] = {}
+        for ann_id in sorted(self.annotations):
+            ann = self.annotations[ann_id]
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        return by_image
 
 
 def load_instances(path: str | Path) -> Instances:
@@ -108,6 +119,7 @@ def load_instances(path: str | Path) -> Instances:
             images={int(im["id"]): im for im in data["images"]},
             annotations={int(a["id"]): a for a in data["annotations"]},
             categories={int(c["id"]): c["name"] for c in data["categories"]},
+            supercategories={int(c["id"]): str(c.get("supercategory", "")) for c in data["categories"]},
         )
     except (ValueError, KeyError, TypeError) as err:
         raise ReferFormatError(f"{path}: not a COCO instances file ({type(err).__name__}: {err})") from None
@@ -133,6 +145,43 @@ def segmentation_to_rle(segmentation, height: int, width: int, where: str) -> di
         rles = mask_utils.frPyObjects([[float(v) for v in part] for part in segmentation], height, width)
     rle = mask_utils.merge(rles, intersect=False)
     return {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")}
+
+
+def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
+    """Every instance of an image (schema.OBJECT), referred or not, in ``ann_id`` order.
+
+    ``sources``: the instances files that hold the image (RefCOCO, RefCOCO+ and RefCOCOg each ship one);
+    an annotation id found in several is taken from the first. Masks come from `segmentation_to_rle`,
+    as the refs' do; a crowd annotation's RLE is kept as it is.
+    """
+    annotations: dict[int, tuple[Instances, dict]] = {}
+    for instances in sources:
+        for ann in instances.annotations_by_image.get(int(image_id), ()):
+            annotations.setdefault(int(ann["id"]), (instances, ann))
+    objects = []
+    for ann_id in sorted(annotations):
+        instances, ann = annotations[ann_id]
+        image = instances.images[int(image_id)]
+        where = f"{instances.path}: annotation {ann_id} (image {image_id})"
+        try:
+            category_id = int(ann["category_id"])
+            objects.append(
+                {
+                    "ann_id": ann_id,
+                    "category_id": category_id,
+                    "category": instances.categories.get(category_id, ""),
+                    "supercategory": instances.supercategories.get(category_id, ""),
+                    "bbox": [float(v) for v in ann["bbox"]],
+                    "area": float(ann.get("area", 0.0)),
+                    "iscrowd": bool(ann.get("iscrowd", 0)),
+                    "mask": segmentation_to_rle(ann["segmentation"], int(image["height"]), int(image["width"]), where),
+                }
+            )
+        except ReferFormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReferFormatError(f"{where}: {type(err).__name__}: {err}") from None
+    return objects
 
 
 def encode_rle(mask: np.ndarray) -> dict:

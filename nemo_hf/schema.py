@@ -72,8 +72,23 @@ REFS_FEATURES = Features(
     }
 )
 
+RLE = {"size": List(Value("int64"), length=2), "counts": Value("string")}
+
+# Every instance instances.json holds for an image, referred or not (as TFDS's ref_coco ``objects``).
+OBJECT = {
+    "ann_id": Value("int64"),
+    "category_id": Value("int64"),
+    "category": Value("string"),
+    "supercategory": Value("string"),
+    "bbox": List(Value("float64"), length=4),
+    "area": Value("float64"),
+    "iscrowd": Value("bool"),
+    "mask": RLE,
+}
+
 # One row per COCO image used by any refs config of the folder. ``negative_pool_of`` names the
-# refs configs whose training negative pool holds the image (the mosaic's random mode draws from it).
+# refs configs whose training negative pool holds the image (the mosaic's random mode draws from it);
+# ``objects`` holds all its instances (schema.OBJECT, ann_id order).
 IMAGES_FEATURES = Features(
     {
         "image_id": Value("int64"),
@@ -83,5 +98,6 @@ IMAGES_FEATURES = Features(
         "license": Value("int32"),
         "image": Image(),
         "negative_pool_of": List(Value("string")),
+        "objects": List(OBJECT),
     }
 )

@@ -104,6 +104,24 @@ def render_one(transform, row: dict) -> dict:
     return {key: values[0] for key, values in out.items()}
 
 
+def image_objects(image_id: int, mask: np.ndarray) -> list[dict]:
+    """The image's objects column: its referred object (ann_id image_id + 1000, as `ref_row`) and an unreferred
+    strip along the bottom-right edges that overlaps nothing (a 'person')."""
+    h, w = mask.shape
+    other = np.zeros_like(mask)
+    other[h - 3 :, w // 2 :] = 1
+    other[h // 2 :, w - 2 :] = 1
+    other &= 1 - mask
+    return [
+        {"ann_id": image_id + 1000, "category_id": 1, "category": "thing", "supercategory": "stuff",
+         "bbox": ref_row(image_id, image_id, mask)["bbox"], "area": float(mask.sum()), "iscrowd": False,
+         "mask": encode_rle(mask)},
+        {"ann_id": image_id + 5000, "category_id": 2, "category": "person", "supercategory": "person",
+         "bbox": [float(w // 2), float(h // 2), float(w - w // 2), float(h - h // 2)], "area": float(other.sum()),
+         "iscrowd": image_id % 2 == 1, "mask": encode_rle(other)},
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def world():
     """12 JPEG images (sizes vary) in an images Dataset, 8 training refs with mined negatives, 2 val refs."""
@@ -121,6 +139,7 @@ def world():
             "license": [1] * n,
             "image": [{"bytes": b, "path": None} for b in blobs],
             "negative_pool_of": pools,
+            "objects": [image_objects(i, m) for i, m in enumerate(masks)],
         },
         features=schema.IMAGES_FEATURES,
     )
