@@ -25,16 +25,19 @@ TILE_MODES = ("squash", "letterbox")
 RESAMPLE_MODES = ("bilinear", "bicubic")
 
 
-def grid_cells(output_size: int) -> list[tuple[int, int, int, int]]:
-    """The four cells (x, y, w, h) of a 2x2 grid, row-major: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
+def grid_cells(output_size: int, grid: int = 2) -> list[tuple[int, int, int, int]]:
+    """The ``grid`` x ``grid`` cells (x, y, w, h), row-major: for 2x2, 0 top-left, 1 top-right, 2 bottom-left,
+    3 bottom-right; for 3x3, 0-2 the top row, 3-5 the middle one, 6-8 the bottom one.
 
-    An odd side splits unevenly: the first row/column gets ``output_size // 2`` pixels, the second the
-    rest (417 -> 208 + 209), so the cells tile the output exactly.
+    Cell edges sit at ``k * output_size // grid``, so the cells tile the output exactly and a side that does
+    not divide evenly gives its extra pixels to the later rows/columns (417 -> 208 + 209; 3x3: 139 + 139 + 139).
     """
-    if output_size < 2:
-        raise ValueError(f"output_size must be at least 2 for a 2x2 grid, got {output_size}")
-    half = output_size // 2
-    spans = ((0, half), (half, output_size - half))
+    if grid < 1:
+        raise ValueError(f"grid must be at least 1, got {grid}")
+    if output_size < grid:
+        raise ValueError(f"output_size must be at least {grid} for a {grid}x{grid} grid, got {output_size}")
+    edges = [k * output_size // grid for k in range(grid + 1)]
+    spans = [(a, b - a) for a, b in zip(edges, edges[1:])]
     return [(x, y, w, h) for (y, h) in spans for (x, w) in spans]
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import schema
 from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
+from .refer import encode_rle
 
 MODES = ("single", "random", "retrieval")
 OUTPUT_COLUMNS = (
@@ -36,13 +37,17 @@ OUTPUT_COLUMNS = (
     "target_quadrant", "tile_image_ids", "mode", "notes",
 )  # fmt: skip
 EVAL_COLUMNS = OUTPUT_COLUMNS + ("orig_size", "content_box", "orig_mask")
+OBJECTS_COLUMN = "objects"  # with return_objects=True
+GRIDS = (2, 3)
+OBJECT_MASKS = ("array", "rle")
 
-# Whole words that pin the target to a side of the grid (tiles row-major: 0 TL, 1 TR, 2 BL, 3 BR).
+# Whole words that pin the target to a side of the grid: the first or last column, the first or last row
+# (the official loader's list; for 2x2, tiles row-major 0 TL, 1 TR, 2 BL, 3 BR).
 SPATIAL_WORDS = {
-    "left": {0, 2},
-    "right": {1, 3},
-    **{w: {0, 1} for w in ("top", "high", "above")},
-    **{w: {2, 3} for w in ("bottom", "low", "below", "under", "beneath")},
+    "left": "left",
+    "right": "right",
+    **{w: "top" for w in ("top", "high", "above")},
+    **{w: "bottom" for w in ("bottom", "low", "below", "under", "beneath")},
 }
 # Mean ImageNet colour: letterbox padding becomes ~0 after the usual normalisation.
 DEFAULT_FILL = (124, 116, 104)
@@ -50,12 +55,23 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 _JPEG_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to RGB itself; CMYK/YCCK go through PIL
 
 
-def spatial_quadrants(words: Sequence[str]) -> list[int]:
-    """Quadrants the target may take given an expression's words; contradictory or none: all four."""
-    allowed = {0, 1, 2, 3}
+def spatial_quadrants(words: Sequence[str], grid: int = 2) -> list[int]:
+    """Cells (row-major) the target may take in a ``grid`` x ``grid`` mosaic given an expression's words:
+    "left" the first column, "right" the last, "top" the first row, "bottom" the last; contradictory
+    or none: every cell."""
+    cells = set(range(grid * grid))
+    sides = {
+        "left": {c for c in cells if c % grid == 0},
+        "right": {c for c in cells if c % grid == grid - 1},
+        "top": {c for c in cells if c // grid == 0},
+        "bottom": {c for c in cells if c // grid == grid - 1},
+    }
+    allowed = set(cells)
     for word in words:
-        allowed &= SPATIAL_WORDS.get(word.lower(), allowed)
-    return sorted(allowed) or [0, 1, 2, 3]
+        side = SPATIAL_WORDS.get(word.lower())
+        if side is not None:
+            allowed &= sides[side]
+    return sorted(allowed) or sorted(cells)
 
 
 def _words(sentence: Mapping) -> list[str]:
@@ -148,12 +164,19 @@ class ImageTable:
         self.images = images
         self.config = config
         self._given_pool = None if pool is None else [int(i) for i in pool]
-        self._index: dict[int, tuple[int, int]] | None = None
+        self._index: dict[int, tuple[int, int, int]] | None = None
         self._cells = None
         self._pool: list[int] | None = None
 
     def __getstate__(self):
         return {**self.__dict__, "_index": None, "_cells": None, "_pool": None}
+
+    @property
+    def has_objects(self) -> bool:
+        """Whether the table carries the ``objects`` column (folders built before it do not)."""
+        if isinstance(self.images, Mapping):
+            return True  # a Mapping value may be {"bytes": ..., "objects": [...]}; plain bytes mean none
+        return OBJECTS_COLUMN in self.images.column_names
 
     def __len__(self) -> int:
         return len(self.images)
@@ -162,8 +185,8 @@ class ImageTable:
         kind = "Mapping" if isinstance(self.images, Mapping) else "Dataset"
         return f"<{kind} of {len(self)} images>"
 
-    def _dataset_index(self) -> dict[int, tuple[int, int]]:
-        """image_id -> (chunk, offset) in the Arrow ``image`` column, over the rows the Dataset shows."""
+    def _dataset_index(self) -> dict[int, tuple[int, int, int]]:
+        """image_id -> (chunk, offset) in the Arrow ``image`` column and the table row, over the rows the Dataset shows."""
         if self._index is None:
             table = self.images.data.table
             # a select/shuffle/filter view shows some rows of its table, through an indices mapping
@@ -174,7 +197,7 @@ class ImageTable:
             starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
             chunk = np.searchsorted(starts, rows, side="right") - 1
             offset = rows - starts[chunk]
-            self._index = {int(i): (int(c), int(o)) for i, c, o in zip(ids, chunk, offset)}
+            self._index = {int(i): (int(c), int(o), int(r)) for i, c, o, r in zip(ids, chunk, offset, rows)}
             self._cells = [_BinaryCells(chunk) for chunk in column.chunks]
         return self._index
 
@@ -187,6 +210,16 @@ class ImageTable:
         if place is None:
             return None
         return self._cells[place[0]].get(place[1])
+
+    def objects_of(self, image_id: int) -> list[dict]:
+        """The image's ``objects`` (schema.OBJECT, source coordinates); [] for an image the table lacks."""
+        if isinstance(self.images, Mapping):
+            data = self.images.get(int(image_id))
+            return list(data.get(OBJECTS_COLUMN) or []) if isinstance(data, Mapping) else []
+        place = self._dataset_index().get(int(image_id))
+        if place is None:
+            return []
+        return self.images.data.table.column(OBJECTS_COLUMN)[place[2]].as_py() or []
 
     def pool(self) -> list[int]:
         """The random-mode pool: images whose ``negative_pool_of`` names the config (never val/test images)."""
@@ -263,7 +296,10 @@ def _shuffled(rng: np.random.Generator, pool: Sequence[int]) -> Iterator[int]:
 class _Renderer:
     """What the training and evaluation transforms share: image lookup, decoding, placing, the output row."""
 
-    def __init__(self, images, output_size, tile, return_arrays, fill, resample, pool=None, config=None):
+    def __init__(
+        self, images, output_size, tile, return_arrays, fill, resample, pool=None, config=None,
+        return_objects=False, object_masks="array",
+    ):  # fmt: skip
         if tile not in TILE_MODES:
             raise ValueError(f"unknown tile mode {tile!r}; expected one of {TILE_MODES}")
         if resample not in RESAMPLE_MODES:
@@ -275,6 +311,19 @@ class _Renderer:
         self.return_arrays = return_arrays
         self.fill = tuple(fill)
         self.resample = resample
+        if object_masks not in OBJECT_MASKS:
+            raise ValueError(f"unknown object_masks {object_masks!r}; expected one of {OBJECT_MASKS}")
+        if return_objects and not self.images.has_objects:
+            raise ValueError(
+                "return_objects=True needs the images config's 'objects' column, which this table lacks "
+                "(a folder built by an older nemo_hf): rebuild it with `nemo-hf build`"
+            )
+        self.return_objects = bool(return_objects)
+        self.object_masks = object_masks
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self._base_columns + ((OBJECTS_COLUMN,) if self.return_objects else ())
 
     @property
     def layout(self) -> str:
@@ -312,6 +361,47 @@ class _Renderer:
             box = placement.map_box(row.get("bbox") or (0, 0, 0, 0))
         return placement, box
 
+    def _objects(self, row, tiles, target_tile: int, notes) -> list[dict]:
+        """Every instance of every tile, its mask and box mapped through the tile's placement, as the target's.
+
+        ``tiles``: (tile index, image id, placement). Masks are output-sized uint8 arrays, or COCO RLE at the
+        output size with ``object_masks="rle"``; the box is the tight box of the mapped mask (the instance's
+        own box mapped when the mask vanishes), the rule the target's ``bbox`` follows.
+        """
+        size = self.output_size
+        target_ann = int(row["ann_id"]) if row.get("ann_id") is not None else None
+        out = []
+        for tile, image_id, placement in tiles:
+            objects = self.images.objects_of(image_id)
+            if tile == target_tile and target_ann not in {int(o["ann_id"]) for o in objects}:
+                notes.append(f"target annotation {target_ann} is not among image {image_id}'s objects: taken from the row")
+                objects = objects + [
+                    {"ann_id": target_ann, "category_id": row.get("category_id"), "category": row.get("category", ""),
+                     "supercategory": "", "bbox": row.get("bbox"), "iscrowd": False, "mask": row["mask"]}
+                ]  # fmt: skip
+            for obj in objects:
+                canvas = np.zeros((size, size), dtype=np.uint8)
+                try:
+                    mapped = placement.place_mask(obj["mask"], canvas)
+                except ValueError as err:
+                    raise ValueError(f"image {image_id}, annotation {obj['ann_id']}: {err}") from err
+                box = mask_box(mapped, (placement.x, placement.y)) or placement.map_box(obj.get("bbox") or (0, 0, 0, 0))
+                out.append(
+                    {
+                        "ann_id": int(obj["ann_id"]),
+                        "category_id": obj.get("category_id"),
+                        "category": obj.get("category", ""),
+                        "supercategory": obj.get("supercategory", ""),
+                        "iscrowd": bool(obj.get("iscrowd", False)),
+                        "is_target": tile == target_tile and int(obj["ann_id"]) == target_ann,
+                        "tile": tile,
+                        "bbox": box,
+                        "area": int(np.count_nonzero(mapped)),
+                        "mask": encode_rle(canvas) if self.object_masks == "rle" else canvas,
+                    }
+                )
+        return out
+
     def _new_canvas(self) -> tuple[np.ndarray, np.ndarray]:
         size = self.output_size
         canvas = np.empty((size, size, len(self.layout)), dtype=np.uint8)
@@ -347,7 +437,8 @@ def _columns(outputs: list[dict], names: Sequence[str]) -> dict[str, list]:
 
 
 class NeMoMosaic(_Renderer):
-    """Training transform: a 2x2 mosaic of the target and three negatives, drawn afresh per sample.
+    """Training transform: a 2x2 mosaic of the target and three negatives (``grid=3``: 3x3 and eight,
+    the official loader's option), drawn afresh per sample.
 
     Per sample a mode is drawn with probabilities ``p`` (after the optional ``schedule`` warm-up):
     ``single`` (the target alone, resized to the output), ``random`` (negatives from the config's
@@ -360,7 +451,12 @@ class NeMoMosaic(_Renderer):
     ``images``: the images config Dataset (its ``negative_pool_of`` gives the random pool for
     ``config``), or a Mapping image_id -> encoded bytes with an explicit ``pool``.
     ``p`` defaults to half single, half retrieval: a starting point, not a published value.
+    ``return_objects=True`` adds ``objects``: every instance of every tile (from the images config's
+    ``objects``) mapped through its tile's placement, with ``is_target`` and ``tile``; ``object_masks="rle"``
+    gives their masks as COCO RLE at the output size instead of arrays.
     """
+
+    _base_columns = OUTPUT_COLUMNS
 
     def __init__(
         self,
@@ -377,8 +473,18 @@ class NeMoMosaic(_Renderer):
         sentence_key: str = "sent",
         fill: tuple[int, int, int] = DEFAULT_FILL,
         resample: str = "bilinear",
+        grid: int = 2,
+        return_objects: bool = False,
+        object_masks: str = "array",
     ):
-        super().__init__(images, output_size, tile, return_arrays, fill, resample, pool=pool, config=config)
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS} (tiles per side), got {grid!r}")
+        super().__init__(
+            images, output_size, tile, return_arrays, fill, resample, pool=pool, config=config,
+            return_objects=return_objects, object_masks=object_masks,
+        )  # fmt: skip
+        grid_cells(self.output_size, grid)  # validates the size
+        self.grid = grid
         self.p = _normalised(p if p is not None else {"single": 0.5, "retrieval": 0.5})
         if schedule is not None and not 0.0 <= schedule.p_random <= 1.0:
             raise ValueError(f"schedule.p_random must be in [0, 1], got {schedule.p_random}")
@@ -397,11 +503,12 @@ class NeMoMosaic(_Renderer):
         return (
             f"NeMoMosaic(images={self.images!r}, output_size={self.output_size}, p={p}, schedule={self.schedule}, "
             f"tile={self.tile!r}, spatial_words={self.spatial_words}, seed={self.seed}, epoch={self.epoch}, "
-            f"config={self.images.config!r}, return_arrays={self.return_arrays})"
+            f"config={self.images.config!r}, return_arrays={self.return_arrays}, grid={self.grid}, "
+            f"return_objects={self.return_objects})"
         )
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
-        return _columns([self.render(row) for row in _rows(batch)], OUTPUT_COLUMNS)
+        return _columns([self.render(row) for row in _rows(batch)], self.columns)
 
     def mode_probabilities(self) -> dict[str, float]:
         if self.schedule is not None and self.epoch < self.schedule.epochs:
@@ -444,11 +551,11 @@ class NeMoMosaic(_Renderer):
             return self._single(row, source, sentence, sent_id, notes)
 
         words = _words(row["sentences"][index]) if (self.spatial_words and index is not None) else []
-        quadrants = spatial_quadrants(words)
+        quadrants = spatial_quadrants(words, self.grid)
         quadrant = quadrants[int(rng.integers(len(quadrants)))]
-        cells = grid_cells(self.output_size)
+        cells = grid_cells(self.output_size, self.grid)
         canvas, mask = self._new_canvas()
-        _, box = self._paint_target(row, source, cells[quadrant], canvas, mask, notes)
+        placement, box = self._paint_target(row, source, cells[quadrant], canvas, mask, notes)
         negative_cells = [cell for i, cell in enumerate(cells) if i != quadrant]
         target_id = int(row["image_id"])
 
@@ -467,36 +574,48 @@ class NeMoMosaic(_Renderer):
             if negatives is None:
                 notes.append("random pool empty or unreadable: single")
                 return self._single(row, source, sentence, sent_id, notes)
-        tile_ids = negatives[:quadrant] + [target_id] + negatives[quadrant:]
-        return self._output(canvas, mask, box, sentence, sent_id, row, quadrant, tile_ids, mode, notes)
+        placements = [placement for _, placement in negatives]
+        placements.insert(quadrant, placement)
+        tile_ids = [image_id for image_id, _ in negatives]
+        tile_ids.insert(quadrant, target_id)
+        out = self._output(canvas, mask, box, sentence, sent_id, row, quadrant, tile_ids, mode, notes)
+        if self.return_objects:
+            out[OBJECTS_COLUMN] = self._objects(row, list(zip(range(len(tile_ids)), tile_ids, placements)), quadrant, notes)
+        return out
 
     def _single(self, row, source, sentence, sent_id, notes) -> dict:
         canvas, mask = self._new_canvas()
         size = self.output_size
-        _, box = self._paint_target(row, source, (0, 0, size, size), canvas, mask, notes)
-        return self._output(canvas, mask, box, sentence, sent_id, row, -1, [row["image_id"]], "single", notes)
+        placement, box = self._paint_target(row, source, (0, 0, size, size), canvas, mask, notes)
+        out = self._output(canvas, mask, box, sentence, sent_id, row, -1, [row["image_id"]], "single", notes)
+        if self.return_objects:
+            out[OBJECTS_COLUMN] = self._objects(row, [(0, int(row["image_id"]), placement)], 0, notes)
+        return out
 
-    def _try_paint(self, image_id: int, cell, canvas, notes) -> bool:
+    def _try_paint(self, image_id: int, cell, canvas, notes) -> Placement | None:
         try:
             source = self.images.open(image_id)
-            self._paint(source, Placement.fit(source.size, cell, self.tile), canvas)
-            return True
+            placement = Placement.fit(source.size, cell, self.tile)
+            self._paint(source, placement, canvas)
+            return placement
         except KeyError:
             notes.append(f"negative {image_id} missing from images: replaced")
         except _DECODE_ERRORS as err:
             notes.append(f"negative {image_id} unreadable ({type(err).__name__}): replaced")
-        return False
+        return None
 
-    def _fill(self, canvas, cells, candidates: Sequence[int], target_id: int, rng, notes) -> list[int] | None:
+    def _fill(self, canvas, cells, candidates: Sequence[int], target_id: int, rng, notes) -> list[tuple[int, Placement]] | None:
         """Paint ``cells`` with candidates (never the target's image) drawn without replacement; None if
         not one is usable. A bad candidate is replaced by the next; with too few usable ones, they repeat.
+        Returns (image id, placement) per cell.
         """
         order = _shuffled(rng, candidates)
-        painted: list[int] = []
+        painted: list[tuple[int, Placement]] = []
         for cell in cells:
             for image_id in order:
-                if image_id != target_id and self._try_paint(image_id, cell, canvas, notes):
-                    painted.append(image_id)
+                placement = self._try_paint(image_id, cell, canvas, notes) if image_id != target_id else None
+                if placement is not None:
+                    painted.append((image_id, placement))
                     break
             else:
                 break
@@ -504,11 +623,10 @@ class NeMoMosaic(_Renderer):
             return None
         if len(painted) < len(cells):
             notes.append(f"only {len(painted)} usable negatives: repeated")
-            usable = list(painted)
+            usable = [image_id for image_id, _ in painted]
             for cell in cells[len(painted) :]:
                 image_id = usable[int(rng.integers(len(usable)))]
-                self._try_paint(image_id, cell, canvas, notes)
-                painted.append(image_id)
+                painted.append((image_id, self._try_paint(image_id, cell, canvas, notes)))
         return painted
 
 
@@ -517,8 +635,11 @@ class EvalTransform(_Renderer):
 
     One sentence per row: use rows from `explode_sentences` (a row with a single sentence also works).
     Adds ``orig_size`` [h, w], ``content_box`` [x0, y0, x1, y1] and ``orig_mask`` (the row's RLE, the
-    ground truth at original size); `to_original` maps a prediction back.
+    ground truth at original size); `to_original` maps a prediction back. ``return_objects`` and
+    ``object_masks`` as for `NeMoMosaic` (one tile, 0).
     """
+
+    _base_columns = EVAL_COLUMNS
 
     def __init__(
         self,
@@ -529,18 +650,23 @@ class EvalTransform(_Renderer):
         sentence_key: str = "sent",
         fill: tuple[int, int, int] = DEFAULT_FILL,
         resample: str = "bilinear",
+        return_objects: bool = False,
+        object_masks: str = "array",
     ):
-        super().__init__(images, output_size, tile, return_arrays, fill, resample)
+        super().__init__(
+            images, output_size, tile, return_arrays, fill, resample,
+            return_objects=return_objects, object_masks=object_masks,
+        )  # fmt: skip
         self.sentence_key = sentence_key
 
     def __repr__(self) -> str:
         return (
             f"EvalTransform(images={self.images!r}, output_size={self.output_size}, tile={self.tile!r}, "
-            f"return_arrays={self.return_arrays})"
+            f"return_arrays={self.return_arrays}, return_objects={self.return_objects})"
         )
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
-        return _columns([self.render(row) for row in _rows(batch)], EVAL_COLUMNS)
+        return _columns([self.render(row) for row in _rows(batch)], self.columns)
 
     def render(self, row: Mapping) -> dict:
         if "sentence" in row and "sent_id" in row:
@@ -560,6 +686,8 @@ class EvalTransform(_Renderer):
         out["orig_size"] = [source.size[1], source.size[0]]
         out["content_box"] = list(placement.content_box)
         out["orig_mask"] = row["mask"]  # the ground truth at original size, for scoring at original resolution
+        if self.return_objects:
+            out[OBJECTS_COLUMN] = self._objects(row, [(0, int(row["image_id"]), placement)], 0, notes)
         return out
 
     def to_original(self, pred, orig_size: Sequence[int], content_box: Sequence[float]) -> np.ndarray:
