@@ -92,6 +92,27 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import Expressions, evaluate_predictions, format_report, plot_breakdowns, split_tables
+
+    refs, images = split_tables(args.folder, args.config, args.split)
+    expressions = Expressions.from_tables(refs, images, where=f"{args.folder} ({args.config}/{args.split})")
+    report = evaluate_predictions(
+        expressions, args.predictions, strict=args.strict, empty_iou=args.empty_iou, allow_missing=args.allow_missing
+    )
+    report = {"folder": str(args.folder), "config": args.config, "split": args.split, **report}
+    title = f"{args.config}/{args.split} ({args.predictions})"
+    print(format_report(report, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nreport: {args.json}")
+    if args.plot:
+        print(f"plot: {plot_breakdowns(report, args.plot, title)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("-o", "--output", default="grid.png")
     pv.set_defaults(func=cmd_preview)
+
+    ev = sub.add_parser("eval", help="score a predictions file on a split: oIoU, mIoU, Prec@X and difficulty breakdowns")
+    ev.add_argument("folder", help="a folder written by nemo-hf build")
+    ev.add_argument("--config", default="refcoco_unc")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--predictions", required=True, help="JSON Lines or Parquet: sent_id + mask RLE at original size")
+    ev.add_argument("--strict", action="store_true", help="Prec@X counts IoU > X (CRIS, TAS) instead of >= X")
+    ev.add_argument("--empty-iou", type=int, choices=[0, 1], default=0,
+                    help="IoU of an expression whose prediction and ground truth are both empty")
+    ev.add_argument("--allow-missing", action="store_true", help="score a missing expression as an empty prediction")
+    ev.add_argument("--json", help="also write the report as JSON here")
+    ev.add_argument("--plot", help="also draw the breakdowns as bar charts (PNG)")
+    ev.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("push", help="upload a built folder to the Hub in one atomic commit")
     p.add_argument("folder")
