@@ -157,12 +157,15 @@ class CountsAtOriginalSize:
     def __repr__(self) -> str:
         return f"CountsAtOriginalSize(threshold={self.threshold})"
 
-    def __call__(self, logits: torch.Tensor, targets: dict) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, targets: dict, on_mask=None) -> torch.Tensor:
+        """``on_mask(i, pred)``, if given, receives each row's boolean prediction at original size."""
         if logits.ndim != 3:
             raise ValueError(f"expected logits (B, h, w), got shape {tuple(logits.shape)}")
         counts = torch.empty((len(logits), 2), dtype=torch.int64)
         for i, (row_logits, gt, box) in enumerate(zip(logits, targets["gt_masks"], targets["content_boxes"])):
             pred = self.resample(row_logits, box.tolist(), gt.shape) > self.logit_threshold
+            if on_mask is not None:
+                on_mask(i, pred)
             gt = gt.to(pred.device, torch.bool)
             counts[i, 0] = (pred & gt).sum()
             counts[i, 1] = (pred | gt).sum()
@@ -196,10 +199,15 @@ class RISComputeMetrics:
 
     Works on the whole split, or batch by batch with ``TrainingArguments(batch_eval_metrics=True)``
     (then it streams into one :class:`~nemo_hf.metrics.RISMetrics` and reports on the last batch).
+    With ``expressions`` (`nemo_hf.evaluate.Expressions` of the evaluated split) it adds the difficulty
+    breakdowns of `nemo-hf eval` as flat scalars ``"<breakdown>/<bucket>/{n,oIoU,mIoU}"``, computed from the
+    same per-expression counts (the label ids are the sent_ids), so memory stays O(expressions).
     """
 
-    def __init__(self, thresholds=DEFAULT_THRESHOLDS, strict: bool = False, empty_iou: float = 0.0):
+    def __init__(self, thresholds=DEFAULT_THRESHOLDS, strict: bool = False, empty_iou: float = 0.0, expressions=None):
         self.metrics = RISMetrics(thresholds=thresholds, strict=strict, empty_iou=empty_iou)
+        self.expressions = expressions
+        self._seen: list[tuple[np.ndarray, np.ndarray]] = []  # (sent_ids, counts) per batch, for the breakdowns
 
     def __repr__(self) -> str:
         m = self.metrics
@@ -215,12 +223,34 @@ class RISComputeMetrics:
             )
         if compute_result is None:
             self.metrics.reset()
+            self._seen = []
         self.metrics.add_counts(counts[:, 0], counts[:, 1])
+        if self.expressions is not None:
+            sent_ids = eval_prediction.label_ids
+            sent_ids = sent_ids.cpu().numpy() if isinstance(sent_ids, torch.Tensor) else np.asarray(sent_ids)
+            self._seen.append((sent_ids.reshape(-1), counts))
         if compute_result is False:
             return {}
         result = self.metrics.compute()
+        if self.expressions is not None:
+            result.update(self._breakdowns())
         self.metrics.reset()
+        self._seen = []
         return result
+
+    def _breakdowns(self) -> dict[str, float]:
+        from .evaluate import breakdown_scores
+
+        sent_ids = np.concatenate([ids for ids, _ in self._seen])
+        counts = np.concatenate([c for _, c in self._seen])
+        m = self.metrics
+        options = {"thresholds": m.thresholds, "strict": m.strict, "empty_iou": m.empty_iou}
+        positions = self.expressions.positions(sent_ids)
+        flat = {}
+        for key, rows in breakdown_scores(self.expressions, positions, counts[:, 0], counts[:, 1], **options).items():
+            for row in rows:
+                flat.update({f"{key}/{row['bucket']}/{name}": row[name] for name in ("n", "oIoU", "mIoU") if row[name] is not None})
+        return flat
 
 
 class RISTrainer(Trainer):
@@ -233,15 +263,28 @@ class RISTrainer(Trainer):
       defaults to :class:`RISComputeMetrics`, ``data_collator`` to ``RISCollator(processing_class)``.
     - The model's loss is a per-batch mean (CLIPSeg's BCE ignores ``num_items_in_batch``), so it is
       divided by the gradient accumulation steps like any mean loss.
+    - ``eval_expressions`` (`nemo_hf.evaluate.Expressions` of the eval split) adds the difficulty breakdowns
+      to the metrics; ``predictions_path`` (``.jsonl`` / ``.parquet``) saves each ``evaluate()``'s
+      predictions in `nemo_hf.predictions`' format, for `nemo-hf eval` (one file per process, the rank
+      inserted before the suffix, when there are several).
     """
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model=None, args=None, *, threshold: float = 0.5, **kwargs):
+    def __init__(self, model=None, args=None, *, threshold: float = 0.5, eval_expressions=None,
+                 predictions_path=None, **kwargs):  # fmt: skip
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = RISCollator(kwargs["processing_class"])
         if kwargs.get("compute_metrics") is None:
-            kwargs["compute_metrics"] = RISComputeMetrics()
+            kwargs["compute_metrics"] = RISComputeMetrics(expressions=eval_expressions)
+        elif eval_expressions is not None:
+            raise ValueError("eval_expressions goes with the default compute_metrics; pass RISComputeMetrics(expressions=...)")
+        if predictions_path is not None:
+            from .predictions import predictions_format
+
+            predictions_format(predictions_path)  # a bad suffix fails now, not after an evaluation
+        self.predictions_path = predictions_path
+        self._prediction_writer = None
         super().__init__(model=model, args=args, **kwargs)
         if self.args.remove_unused_columns:
             warnings.warn(
@@ -258,14 +301,46 @@ class RISTrainer(Trainer):
         inputs = {k: v for k, v in inputs.items() if k != TARGETS_KEY}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
+    def evaluate(self, *args, **kwargs):
+        if self.predictions_path is None:
+            return super().evaluate(*args, **kwargs)
+        from pathlib import Path
+
+        from .predictions import PredictionWriter
+
+        path = Path(self.predictions_path)
+        if self.args.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self.args.process_index}{path.suffix}")
+        self._prediction_writer = PredictionWriter(path)
+        try:
+            metrics = super().evaluate(*args, **kwargs)
+        except BaseException:
+            self._prediction_writer.abort()
+            raise
+        else:
+            self._prediction_writer.close()
+        finally:
+            self._prediction_writer = None
+        return metrics
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = dict(inputs)
         targets = inputs.pop(TARGETS_KEY, None)
-        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        if prediction_loss_only or targets is None:
+        writer = self._prediction_writer
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only and writer is None, ignore_keys)
+        if targets is None or (prediction_loss_only and writer is None):
             return loss, logits, labels
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        counts = self.counts_at_original_size(logits.detach(), targets).to(logits.device)
+        on_mask = None
+        if writer is not None:
+            sent_ids = targets["sent_ids"].tolist()
+
+            def on_mask(i, pred):
+                writer.add_mask(sent_ids[i], pred.cpu().numpy())
+
+        counts = self.counts_at_original_size(logits.detach(), targets, on_mask).to(logits.device)
+        if prediction_loss_only:
+            return loss, None, None
         return loss, counts, targets["sent_ids"].to(logits.device)
 
 

@@ -14,6 +14,7 @@ from nemo_hf.folder import build_folder
 from nemo_hf.mosaic import EvalTransform, explode_sentences
 from nemo_hf.predictions import PredictionWriter, PredictionsFormatError, read_predictions, write_predictions
 from nemo_hf.synthetic import make_refer_source
+from nemo_hf.training import RISTrainer
 
 
 def rect(x0, y0, x1, y1):
@@ -174,3 +175,52 @@ def test_writer_maps_eval_outputs_back_and_buckets_add_up(tmp_path):
     for key, buckets in report["breakdowns"].items():
         assert sum(r["n"] for r in buckets) == len(rows), key
     assert sum(r["n"] > 0 for r in report["breakdowns"]["same_category"]) >= 2
+
+
+def test_trainer_saves_predictions_that_eval_scores_the_same_with_breakdowns(tmp_path):
+    """RISTrainer's metrics and breakdowns equal `nemo-hf eval`'s on the predictions file it saved."""
+    import warnings
+
+    import pyarrow as pa
+    import torch
+
+    from nemo_hf.training import tiny_random_clipseg
+    from test_training import SENTENCES, args, eval_dataset, scene
+
+    sizes = [(16, 32), (32, 16), (24, 24), (8, 32), (32, 32), (16, 8)]
+    refs = pa.Table.from_pylist([
+        {"ann_id": i, "image_id": i, "category_id": 1 + i % 2, "mask": refer.encode_rle(scene(i, *sizes[i])[1]),
+         "sentences": [sentence(100 + i, SENTENCES[i % 4])]} for i in range(6)
+    ])  # fmt: skip
+    objects = [[{"ann_id": i, "category_id": 1 + i % 2, "iscrowd": False, "supercategory": "abc"[i % 3]}]
+               + [{"ann_id": 50 + i, "category_id": 1 + i % 2, "iscrowd": False, "supercategory": "x"}] * (i % 3)
+               for i in range(6)]  # fmt: skip
+    expressions = Expressions.from_tables(refs, pa.Table.from_pylist([{"image_id": i, "objects": o} for i, o in enumerate(objects)]))
+    model, processor = tiny_random_clipseg(image_size=32, seed=0)
+    torch.set_num_threads(1)
+    results = []
+    for streaming in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            trainer = RISTrainer(model=model, args=args(tmp_path, batch_eval_metrics=streaming), processing_class=processor,
+                                 eval_dataset=eval_dataset(6), eval_expressions=expressions,
+                                 predictions_path=tmp_path / f"preds{int(streaming)}.parquet")
+        results.append(trainer.evaluate())
+    timing = ("runtime", "per_second", "preparation_time")
+    results = [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in results]
+    assert results[0] == pytest.approx(results[1])
+    metrics = results[0]
+    assert metrics["eval_same_category/1/n"] == 2 and metrics["eval_same_category/2/n"] == 2
+    assert metrics["eval_same_category/3-4/n"] == 2 and "eval_same_category/5+/oIoU" not in metrics  # empty bucket
+    report = evaluate_predictions(expressions, tmp_path / "preds0.parquet")
+    assert report["metrics"]["oIoU"] == pytest.approx(metrics["eval_oIoU"], abs=1e-12)
+    assert report["metrics"]["mIoU"] == pytest.approx(metrics["eval_mIoU"], abs=1e-12)
+    for key, rows in report["breakdowns"].items():
+        assert sum(r["n"] for r in rows) == 6
+        for row in rows:
+            for name in ("n", "oIoU", "mIoU"):
+                if row[name] is not None:
+                    assert metrics[f"eval_{key}/{row['bucket']}/{name}"] == pytest.approx(row[name], abs=1e-12)
+    assert (tmp_path / "preds1.parquet").read_bytes() == (tmp_path / "preds0.parquet").read_bytes()
+    with pytest.raises(ValueError, match="ends in .jsonl"):
+        RISTrainer(model=model, args=args(tmp_path), processing_class=processor, predictions_path=tmp_path / "p.txt")
