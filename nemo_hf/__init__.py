@@ -18,6 +18,7 @@ _LAZY = {
     "explode_sentences": ".mosaic",
     "render_preview": ".preview",
     "RISMetrics": ".metrics",
+    "PredictionWriter": ".predictions",
     "push_folder": ".hub",
     "make_refer_source": ".synthetic",
 }
