@@ -100,38 +100,34 @@ class PredictionWriter:
         mapped = prediction_to_original(pred, row["orig_size"], row["content_box"], output_size)
         self.add_mask(row["sent_id"], mapped > self.threshold if mapped.dtype == np.float32 else mapped)
 
+    def _open(self) -> None:
+        if self._file is None and self._writer is None:
+            self._partial.parent.mkdir(parents=True, exist_ok=True)
+            if self.format == "jsonl":
+                self._file = open(self._partial, "w", encoding="utf-8")
+            else:
+                self._writer = pq.ParquetWriter(self._partial, PARQUET_SCHEMA)
+
     def _flush(self) -> None:
         if not self._pending:
             return
-        if self.format == "jsonl":
-            if self._file is None:
-                self._file = open(self._partial, "w", encoding="utf-8")
+        self._open()
+        if self._file is not None:
             self._file.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in self._pending)
         else:
-            if self._writer is None:
-                self._writer = pq.ParquetWriter(self._partial, PARQUET_SCHEMA)
             self._writer.write_table(pa.Table.from_pylist(self._pending, schema=PARQUET_SCHEMA))
         self._pending = []
 
     def close(self) -> Path:
         """Write what is pending and move the file into place; returns its path."""
-        if self._writer is None and self._file is None and not self._pending:
-            self._flush_empty()
         self._flush()
-        if self._file is not None:
-            self._file.close()
-        if self._writer is not None:
-            self._writer.close()
+        self._open()  # no rows still makes a valid (empty) file
+        for handle in (self._file, self._writer):
+            if handle is not None:
+                handle.close()
         self._file = self._writer = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._partial, self.path)
         return self.path
-
-    def _flush_empty(self) -> None:
-        if self.format == "jsonl":
-            self._file = open(self._partial, "w", encoding="utf-8")
-        else:
-            self._writer = pq.ParquetWriter(self._partial, PARQUET_SCHEMA)
 
     def abort(self) -> None:
         for handle in (self._file, self._writer):

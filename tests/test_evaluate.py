@@ -224,3 +224,23 @@ def test_trainer_saves_predictions_that_eval_scores_the_same_with_breakdowns(tmp
     assert (tmp_path / "preds1.parquet").read_bytes() == (tmp_path / "preds0.parquet").read_bytes()
     with pytest.raises(ValueError, match="ends in .jsonl"):
         RISTrainer(model=model, args=args(tmp_path), processing_class=processor, predictions_path=tmp_path / "p.txt")
+
+
+def test_writer_leaves_nothing_behind_on_error_and_reads_back(tmp_path):
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:4, 2:7] = 1
+    with pytest.raises(RuntimeError):
+        with PredictionWriter(tmp_path / "p.parquet", batch_rows=1) as writer:
+            writer.add_mask(1, mask)
+            writer.add_mask(2, mask)  # flushed to the partial file
+            raise RuntimeError("model crashed")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="sent_id 3: a mask must be 2-D"):
+        PredictionWriter(tmp_path / "q.jsonl").add_mask(3, mask[None])
+    for suffix in (".jsonl", ".parquet"):
+        path = write_predictions(tmp_path / f"r{suffix}", [(7, mask), (8, refer.encode_rle(mask[::-1]))])
+        back = [(s, refer.decode_rle(m)) for s, m, _ in read_predictions(path)]
+        assert [s for s, _ in back] == [7, 8]
+        np.testing.assert_array_equal(back[0][1], mask)
+        np.testing.assert_array_equal(back[1][1], mask[::-1])
+    assert list(read_predictions(write_predictions(tmp_path / "empty.parquet", {}))) == []
