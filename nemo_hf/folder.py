@@ -308,7 +308,6 @@ def _write_preview(folder: Path, config: str, n: int = 8) -> None:
     """A grid of mosaics for the card (and the Hub page): a person can see at once that masks land right."""
     from datasets import Dataset
 
-    from .card import PREVIEW_FILE
     from .preview import render_preview
 
     def read(name: str, split: str) -> Dataset:
