@@ -233,7 +233,7 @@ def _entry_id(entry, seen: dict, where: str) -> int:
 
 def check_image_size(height, width, where: str) -> tuple[int, int]:
     """(height, width) as ints in 1..MAX_SIDE, else an error naming ``where`` (pycocotools hangs on 0)."""
-    for name, value in (("height", height), ("width", width)):
+    for name, value in (("width", width), ("height", height)):
         if not _is_int(value) or not 1 <= value <= MAX_SIDE:
             raise ReferFormatError(f"{where}: {name} {value!r} is not an integer in 1..{MAX_SIDE}")
     return int(height), int(width)

@@ -166,7 +166,7 @@ class ReferSource:
 def _decoded_size(data: bytes) -> tuple[int, int]:
     """The (width, height) of an encoded image after decoding it all; raises on any damage."""
     if data[:2] == b"\xff\xd8":
-        height, width, _, colorspace = simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace in ("Gray", "YCbCr", "RGB"):  # what the mosaic decodes with libjpeg-turbo
             simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=8, strict=True)
             return width, height
