@@ -55,64 +55,63 @@ MAX_NESTING = 16  # a refs file nests 5 levels deep (list > ref > sentences > se
 MAX_SIDE = 32768  # per image side: more than any photo dataset holds, little enough for pycocotools
 
 
-def _check_tree(data, path: Path, budget: int) -> None:
-    """Refuse a pickle whose objects, counted as the tree that walking it visits, exceed ``budget`` or
-    nest deeper than ``MAX_NESTING``.
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _text(value: bytes) -> str:
+    """Python 2 ``str`` arrives as bytes: UTF-8 where it decodes, Latin-1 otherwise (never fails)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _plain_tree(data, path: Path, budget: int):
+    """``data`` with byte strings as text and tuples and sets as lists, refused once the walk has visited
+    ``budget`` objects or gone deeper than ``MAX_NESTING`` levels.
 
     A pickle can refer to one list again and again through its memo: a few hundred bytes that expand
-    to 10^9 objects when walked. Each container's expanded size is computed once (memoized by
-    identity), so the check costs one visit per distinct object, however large the expansion.
+    to 10^9 objects when walked. An honest file holds a tree, which costs at least a byte of pickle per
+    object, so a budget proportional to the file's size refuses such a file after as much work as an
+    honest file of its size would take, and a list that contains itself hits the depth limit.
     """
-    seen: dict[int, tuple[int, int] | None] = {}
+    left = budget
 
-    def walk(obj, depth: int) -> tuple[int, int]:
-        if not isinstance(obj, (list, tuple, dict, set, frozenset)):
-            return 1, 0
-        key = id(obj)
-        if key not in seen:
-            if depth > MAX_NESTING:
-                raise ReferFormatError(f"{path}: refused: nested deeper than {MAX_NESTING} levels; a refs file is a list of ref dicts")
-            seen[key] = None
-            size, height = 1, 0
-            for item in (*obj.keys(), *obj.values()) if isinstance(obj, dict) else obj:
-                item_size, item_height = walk(item, depth + 1)
-                size, height = size + item_size, max(height, item_height + 1)
-                if size > budget:
-                    raise ReferFormatError(
-                        f"{path}: refused: its shared references expand to more than {budget:,} objects "
-                        "(a refs file is a plain tree of lists and dicts)"
-                    )
-            seen[key] = (size, height)
-        elif seen[key] is None:
-            raise ReferFormatError(f"{path}: refused: a list or dict contains itself")
-        size, height = seen[key]
-        if depth + height > MAX_NESTING:
+    def walk(obj, depth: int):
+        nonlocal left
+        if depth >= MAX_NESTING:
             raise ReferFormatError(f"{path}: refused: nested deeper than {MAX_NESTING} levels; a refs file is a list of ref dicts")
-        return size, height
+        left -= len(obj)
+        if left < 0:
+            raise ReferFormatError(
+                f"{path}: refused: its shared references expand to more than {budget:,} objects "
+                "(a refs file is a plain tree of lists and dicts)"
+            )
+        if isinstance(obj, dict):
+            converted = {}
+            for k, v in obj.items():
+                if type(k) is bytes:
+                    k = _text(k)
+                elif type(k) is not str and type(k) is not int:
+                    raise ReferFormatError(f"{path}: a dict key is a {type(k).__name__} ({k!r}); refs files use string keys")
+                if type(v) is bytes:
+                    v = _text(v)
+                elif isinstance(v, _CONTAINERS):
+                    v = walk(v, depth + 1)
+                converted[k] = v
+            return converted
+        converted = []
+        for v in obj:
+            if type(v) is bytes:
+                v = _text(v)
+            elif isinstance(v, _CONTAINERS):
+                v = walk(v, depth + 1)
+            converted.append(v)
+        return converted
 
-    walk(data, 0)
-
-
-def _as_text(value, path: Path):
-    """Python 2 ``str`` arrives as bytes: UTF-8 where it decodes, Latin-1 otherwise (never fails).
-
-    Sets and tuples become lists; a dict key must be a string or an integer.
-    """
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value.decode("latin-1")
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if isinstance(k, bool) or not isinstance(k, (bytes, str, int)):
-                raise ReferFormatError(f"{path}: a dict key is a {type(k).__name__} ({k!r}); refs files use string keys")
-            out[_as_text(k, path)] = _as_text(v, path)
-        return out
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_as_text(v, path) for v in value]
-    return value
+    if isinstance(data, _CONTAINERS):
+        return walk(data, 0)
+    return _text(data) if type(data) is bytes else data
 
 
 def load_refs(path: str | Path) -> list[dict]:
@@ -130,8 +129,7 @@ def load_refs(path: str | Path) -> list[dict]:
     except Exception as err:  # truncated or not a pickle at all
         raise ReferFormatError(f"{path}: not a readable refs pickle ({type(err).__name__}: {err})") from None
     # a tree costs at least one pickle opcode byte per object; the slack admits a little honest sharing
-    _check_tree(data, path, budget=2 * len(raw) + 10_000)
-    refs = _as_text(data, path)
+    refs = _plain_tree(data, path, budget=2 * len(raw) + 10_000)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise ReferFormatError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
     if not refs:
@@ -260,13 +258,14 @@ def _polygons(segmentation: list, height: int, width: int, where: str) -> list[l
         raise ReferFormatError(f"{where}: empty segmentation")
     parts = []
     for part in segmentation:
-        if not isinstance(part, (list, tuple)) or not all(_is_number(v) for v in part):
+        coords = np.asarray(part) if isinstance(part, (list, tuple)) else None
+        if coords is None or coords.ndim != 1 or (coords.size and coords.dtype.kind not in "iuf"):
             raise ReferFormatError(f"{where}: polygon {str(part)[:80]} is not a list of numbers")
         if len(part) < 6 or len(part) % 2:
             raise ReferFormatError(
                 f"{where}: polygon with {len(part) / 2:g} points; a polygon needs at least 3 (x, y) pairs"
             )
-        coords = np.asarray(part, dtype=np.float64)
+        coords = coords.astype(np.float64)
         if not np.isfinite(coords).all():
             raise ReferFormatError(f"{where}: polygon has a coordinate that is not finite")
         xs, ys = coords[0::2], coords[1::2]
