@@ -258,7 +258,10 @@ def _polygons(segmentation: list, height: int, width: int, where: str) -> list[l
         raise ReferFormatError(f"{where}: empty segmentation")
     parts = []
     for part in segmentation:
-        coords = np.asarray(part) if isinstance(part, (list, tuple)) else None
+        try:
+            coords = np.asarray(part) if isinstance(part, (list, tuple)) else None
+        except (ValueError, TypeError):  # ragged nesting
+            coords = None
         if coords is None or coords.ndim != 1 or (coords.size and coords.dtype.kind not in "iuf"):
             raise ReferFormatError(f"{where}: polygon {str(part)[:80]} is not a list of numbers")
         if len(part) < 6 or len(part) % 2:
