@@ -449,6 +449,7 @@ def ref_rows(
         bbox = check_bbox(ann.get("bbox"), ann_where)
         problem = image_problem(image) if image_problem is not None else None
         if problem:
+            skipped = {} if skipped is None else skipped
             skipped.setdefault(ref["split"], []).append(f"ref {ref['ref_id']}: image {ref['image_id']} {problem}")
             continue
         yield {

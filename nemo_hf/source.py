@@ -23,6 +23,8 @@ from .schema import REFS_CONFIGS, TRAIN_SPLIT
 
 logger = logging.getLogger(__name__)
 
+MAX_IMAGE_BYTES = 1 << 30  # never read a file this large into memory as "an image"
+
 
 class ReferSource:
     """Reads a refer-layout folder once per process and answers the builder's questions about it."""
@@ -97,8 +99,11 @@ class ReferSource:
             problem = None
             try:
                 path = self.image_path(image["file_name"])
-                if not stat.S_ISREG(path.stat().st_mode):
+                status = path.stat()
+                if not stat.S_ISREG(status.st_mode):
                     raise refer.ReferFormatError("is not a regular file")
+                if status.st_size > MAX_IMAGE_BYTES:
+                    raise refer.ReferFormatError(f"is {status.st_size:,} bytes, more than an image of 32768x32768 needs")
                 size = _decoded_size(path.read_bytes())
                 if size != (int(image["width"]), int(image["height"])):
                     problem = f"is {size[0]}x{size[1]}, instances.json says {image['width']}x{image['height']}"
