@@ -35,9 +35,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "nemo_hf.json"
 MAX_SHARD_SIZE = "500MB"  # the Hub's own choice for push_to_hub: the dataset viewer reads such shards well
-# data/<config>/<split>-00000-of-00001-<content hash>.parquet: the hash makes every changed build new to
-# the `datasets` cache, which keys a folder with a `configs` card on the card and the shard paths only
-SHARD_NAME = re.compile(r"data/[a-z0-9_]+/[A-Za-z0-9_]+-\d{5}-of-\d{5}-[0-9a-f]{16}\.parquet")
+# data/<config>/<split>-00000-of-00001-<content hash>.parquet: the card lists the shards by name, and the
+# `datasets` cache keys a local folder on its card, so the hash makes every changed build new to it
+# (builds of nemo_hf 0.1.0 before the hash are earlier builds too)
+SHARD_NAME = re.compile(r"data/[a-z0-9_]+/[A-Za-z0-9_]+-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.parquet")
 BUILD_FILES = (MANIFEST, "README.md", PREVIEW_FILE)
 
 

@@ -88,6 +88,20 @@ def test_out_holding_other_files_is_refused_and_kept(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake", "out", "src", "v"]  # no lock or partial left
 
 
+@pytest.fixture
+def built(tmp_path):
+    return build_folder(write_tiny_source(tmp_path / "src"), tmp_path / "out", ["refcoco_unc"], mining=None)
+
+
+def test_a_build_of_the_previous_version_is_replaced(built, tmp_path):
+    for shard in built.glob("data/*/*.parquet"):  # nemo_hf 0.1.0 named shards without a content hash
+        shard.rename(shard.with_name(shard.name[: -len("-0123456789abcdef.parquet")] + ".parquet"))
+    assert (built / "data/refcoco_unc/val-00000-of-00001.parquet").is_file()
+    build_folder(tmp_path / "src", built, ["refcoco_unc"], mining=None)
+    assert not (built / "data/refcoco_unc/val-00000-of-00001.parquet").exists()
+    assert all(len(p.stem.split("-")) == 5 for p in built.glob("data/*/*.parquet"))
+
+
 def test_out_overlapping_the_source_is_refused(tmp_path, capsys, monkeypatch):
     source = write_tiny_source(tmp_path / "src")
     before = files_of(source)
@@ -249,11 +263,6 @@ class RecordingApi:
 
     def create_commit(self, repo_id, operations, **kw):
         self.calls.append(("create_commit", operations))
-
-
-@pytest.fixture
-def built(tmp_path):
-    return build_folder(write_tiny_source(tmp_path / "src"), tmp_path / "out", ["refcoco_unc"], mining=None)
 
 
 def test_push_refuses_symlinks_and_paths_outside_the_folder(built, tmp_path):
