@@ -269,13 +269,13 @@ def _polygons(segmentation: list, height: int, width: int, where: str) -> list[l
                 f"{where}: polygon with {len(part) / 2:g} points; a polygon needs at least 3 (x, y) pairs"
             )
         coords = coords.astype(np.float64)
-        if not np.isfinite(coords).all():
+        points = coords.reshape(-1, 2)
+        (x0, y0), (x1, y1) = points.min(axis=0).tolist(), points.max(axis=0).tolist()  # NaN, inf propagate
+        if not all(map(np.isfinite, (x0, y0, x1, y1))):
             raise ReferFormatError(f"{where}: polygon has a coordinate that is not finite")
-        xs, ys = coords[0::2], coords[1::2]
-        if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height:
+        if x0 < -width or x1 > 2 * width or y0 < -height or y1 > 2 * height:
             raise ReferFormatError(
-                f"{where}: polygon reaches ({xs.max():g}, {ys.max():g}) / ({xs.min():g}, {ys.min():g}), "
-                f"far outside the {width}x{height} image"
+                f"{where}: polygon reaches ({x1:g}, {y1:g}) / ({x0:g}, {y0:g}), far outside the {width}x{height} image"
             )
         parts.append(coords.tolist())
     return parts

@@ -173,7 +173,7 @@ def _decoded_size(data: bytes) -> tuple[int, int]:
     if data[:2] == b"\xff\xd8":
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace in ("Gray", "YCbCr", "RGB"):  # what the mosaic decodes with libjpeg-turbo
-            simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=8, strict=True)
+            simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=1, min_height=1, strict=True)  # at 1/8 scale
             return width, height
     with Image.open(io.BytesIO(data)) as im:
         size = im.size
