@@ -215,18 +215,11 @@ def test_image_paths_leaving_the_image_folder_are_skipped_and_never_read(tmp_pat
 
     def point_out(d):
         d["images"][1]["file_name"] = "../../../../../secret.jpg"
+        d["images"].append(dict(d["images"][0], id=15, file_name=str(secret)))  # an absolute path
+        d["annotations"].append(dict(d["annotations"][0], id=300, image_id=15))
 
     edit_instances(root, point_out)
-    refs = refer.load_refs(root / "refcoco/refs(unc).p")
-    refs.append(dict(refs[0], ref_id=20, ann_id=200, image_id=15, split="train"))
-    root_images = json.loads((root / "refcoco/instances.json").read_text())
-    root_images["images"].append(dict(root_images["images"][0], id=15, file_name=str(secret)))  # absolute
-    root_images["annotations"].append(dict(root_images["annotations"][0], id=300, image_id=15))
-    refs[-1]["ann_id"] = 300
-    (root / "refcoco/instances.json").write_text(json.dumps(root_images))
-    (root / "refcoco/refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
-    for i in (16, 17, 18):  # enough present images that the "most images missing" check stays quiet
-        Image.open(image_dir / "COCO_train2014_000000000011.jpg").save(image_dir / f"x{i}.jpg")
+    edit_refs(root, lambda refs: refs.append(dict(refs[0], ref_id=20, ann_id=300, image_id=15)))
 
     proc = run_python("""
         from nemo_hf.cli import main
