@@ -431,23 +431,40 @@ def test_16bit_png_is_scaled_in_the_mosaic_the_embedder_and_the_build(tmp_path):
 # ---------------------------------------------------------------- silently wrong data
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda refs: refs[1].update(category_id=99), r"ref 1: category 99 is not in .*instances.json"),
-    (lambda refs: refs[3].update(ref_id=0), r"ref #3 \(ref_id 0\): ref_id 0 appears twice \(first as ref #0\)"),
-    (lambda refs: refs[1].update(ref_id=1.5), r"ref #1 \(ref_id 1.5\): ref_id 1.5 is not an integer"),
-    (lambda refs: refs[1].update(ref_id="1"), r"ref #1 \(ref_id '1'\): ref_id '1' is not an integer"),
-    (lambda refs: refs[1].update(image_id="12"), r"ref #1 \(ref_id 1\): image_id '12' is not an integer"),
-    (lambda refs: refs[1].update(ann_id=None), r"ref #1 \(ref_id 1\): ann_id None is not an integer"),
-    (lambda refs: refs[1].update(sentences="the red cup"), r"ref 1: sentences is a str; expected a list"),
-    (lambda refs: refs[1].update(sentences={"sent": "x"}), r"ref 1: sentences is a dict; expected a list"),
-    (lambda refs: refs[1]["sentences"][0].pop("sent_id"), r"ref 1: sentence #0: lacks sent_id"),
-    (lambda refs: refs[1]["sentences"][0].update(sent=5), r"ref 1: sentence 10: sent is a int, not text"),
-    (lambda refs: refs[1]["sentences"][0].update(tokens="the red cup"), r"ref 1: sentence 10: tokens is not a list of strings"),
+def _bad(refs=None, instances=None):
+    return {"refs": refs, "instances": instances}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_bad(refs=lambda refs: refs[1].update(category_id=99)), r"refs\(unc\)\.p: ref 1: category 99 is not in .*instances.json"),
+    (_bad(refs=lambda refs: refs[3].update(ref_id=0)), r"refs\(unc\)\.p: ref #3 \(ref_id 0\): ref_id 0 appears twice \(first as ref #0\)"),
+    (_bad(refs=lambda refs: refs[1].update(ref_id=1.5)), r"refs\(unc\)\.p: ref #1 \(ref_id 1.5\): ref_id 1.5 is not an integer"),
+    (_bad(refs=lambda refs: refs[1].update(ref_id="1")), r"refs\(unc\)\.p: ref #1 \(ref_id '1'\): ref_id '1' is not an integer"),
+    (_bad(refs=lambda refs: refs[1].update(image_id="12")), r"refs\(unc\)\.p: ref #1 \(ref_id 1\): image_id '12' is not an integer"),
+    (_bad(refs=lambda refs: refs[1].update(ann_id=None)), r"refs\(unc\)\.p: ref #1 \(ref_id 1\): ann_id None is not an integer"),
+    (_bad(refs=lambda refs: refs[1].update(sentences="the red cup")), r"refs\(unc\)\.p: ref 1: sentences is a str; expected a list"),
+    (_bad(refs=lambda refs: refs[1].update(sentences={"sent": "x"})), r"refs\(unc\)\.p: ref 1: sentences is a dict; expected a list"),
+    (_bad(refs=lambda refs: refs[1]["sentences"][0].pop("sent_id")), r"refs\(unc\)\.p: ref 1: sentence #0: lacks sent_id"),
+    (_bad(refs=lambda refs: refs[1]["sentences"][0].update(sent=5)), r"refs\(unc\)\.p: ref 1: sentence 10: sent is a int, not text"),
+    (_bad(refs=lambda refs: refs[1]["sentences"][0].update(tokens="the red cup")), r"refs\(unc\)\.p: ref 1: sentence 10: tokens is not a list of strings"),
+    (_bad(instances=lambda d: d["annotations"][0].update(bbox=[8.0, float("nan"), 32.0, 20.0])),
+     r"refs\(unc\)\.p: ref 0 \(annotation 111\): bbox .* is not 4 finite numbers"),
+    (_bad(instances=lambda d: d["annotations"][0].update(bbox=[8.0, 10.0, 32.0])),
+     r"refs\(unc\)\.p: ref 0 \(annotation 111\): bbox .* is not 4 numbers"),
+    (_bad(instances=lambda d: d["annotations"][0].update(bbox=[8.0, 10.0, -3.0, 20.0])),
+     r"refs\(unc\)\.p: ref 0 \(annotation 111\): bbox .* with w, h >= 0"),
+    (_bad(instances=lambda d: d["images"][0].update(width="64")), r"instances.json: image 11: width '64' is not an integer"),
+    (_bad(instances=lambda d: d["images"][0].update(id="11")), r"instances.json: image '11': id '11' is not an integer"),
+    (_bad(instances=lambda d: d["images"][0].update(file_name=None)), r"instances.json: image 11: file_name None is not a file name"),
+    (_bad(instances=lambda d: d["annotations"][0].update(image_id=11.0)), r"instances.json: annotation 111: image_id 11.0 is not an integer"),
 ])
-def test_malformed_refs_name_the_file_and_the_ref(tmp_path, change, message):
+def test_malformed_entries_name_the_file_and_the_ref_annotation_or_image(tmp_path, edit, message):
     root = write_tiny_source(tmp_path / "src")
-    edit_refs(root, change)
-    with pytest.raises(refer.ReferFormatError, match=r"refs\(unc\)\.p: " + message):
+    if edit["refs"]:
+        edit_refs(root, edit["refs"])
+    if edit["instances"]:
+        edit_instances(root, edit["instances"])
+    with pytest.raises(refer.ReferFormatError, match=message):
         ReferSource(root).rows("refcoco_unc")
 
 
@@ -459,33 +476,6 @@ def test_tuple_dict_key_and_empty_refs_are_errors(tmp_path):
     path.write_bytes(pickle.dumps([], protocol=2))
     with pytest.raises(refer.ReferFormatError, match=r"refs\(unc\)\.p: holds no refs"):
         refer.load_refs(path)
-
-
-@pytest.mark.parametrize("bbox, message", [
-    ([8.0, float("nan"), 32.0, 20.0], "is not 4 finite numbers"),
-    ([8.0, 10.0, 32.0], "is not 4 numbers"),
-    ([8.0, 10.0, -3.0, 20.0], "is not 4 finite numbers with w, h >= 0"),
-])
-def test_bad_bbox_names_ann_and_ref(tmp_path, bbox, message):
-    root = write_tiny_source(tmp_path / "src")
-    path = root / "refcoco/instances.json"
-    path.write_text(path.read_text().replace('"bbox": [8.0, 10.0, 32.0, 20.0]', f'"bbox": {json.dumps(bbox)}', 2)
-                    )
-    with pytest.raises(refer.ReferFormatError, match=r"ref 0 \(annotation 111\): bbox .* " + message):
-        ReferSource(root).rows("refcoco_unc")
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d["images"][0].update(width="64"), r"image 11: width '64' is not an integer"),
-    (lambda d: d["images"][0].update(id="11"), r"image '11': id '11' is not an integer"),
-    (lambda d: d["images"][0].update(file_name=None), r"image 11: file_name None is not a file name"),
-    (lambda d: d["annotations"][0].update(image_id=11.0), r"annotation 111: image_id 11.0 is not an integer"),
-])
-def test_malformed_instances_name_the_file_and_the_entry(tmp_path, change, message):
-    root = write_tiny_source(tmp_path / "src")
-    edit_instances(root, change)
-    with pytest.raises(refer.ReferFormatError, match=r"instances.json: " + message):
-        ReferSource(root).rows("refcoco_unc")
 
 
 def test_jpeg_damaged_mid_stream_is_skipped_and_counted(tmp_path):
