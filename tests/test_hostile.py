@@ -588,3 +588,18 @@ def test_what_the_commands_import_is_a_core_dependency():
                     needed.update(d.lower() for d in dists[top])
     assert {"transformers", "faiss-cpu", "matplotlib", "threadpoolctl"} <= needed
     assert needed - {"nemo-hf"} <= core, needed - core
+
+
+def test_objects_column_validates_every_instance_and_keeps_an_empty_unreferred_one(tmp_path):
+    root = write_tiny_source(tmp_path / "src")
+    sliver = {"id": 500, "image_id": 11, "category_id": 47, "bbox": [1.0, 1.0, 8.0, 0.0], "area": 0.0, "iscrowd": 0,
+              "segmentation": [[1, 1, 5, 1, 9, 1]]}  # no ref names it; it rasterises to nothing
+    edit_instances(root, lambda d: d["annotations"].append(sliver))
+    out = build_folder(root, tmp_path / "out", ["refcoco_unc"], mining=None)
+    images = pq.read_table(next((out / "data/images").glob("*.parquet")), columns=["image_id", "objects"]).to_pylist()
+    objects = {o["ann_id"]: o for o in next(im for im in images if im["image_id"] == 11)["objects"]}
+    assert set(objects) == {111, 200, 500} and refer.decode_rle(objects[500]["mask"]).sum() == 0
+
+    edit_instances(root, lambda d: d["annotations"][-1].update(segmentation=[[1, 1, float("nan"), 1, 9, 9]]))
+    with pytest.raises(refer.ReferFormatError, match=r"instances.json: annotation 500 \(image 11\): polygon has a coordinate that is not finite"):
+        build_folder(root, tmp_path / "out", ["refcoco_unc"], mining=None)
