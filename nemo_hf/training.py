@@ -31,8 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 
+from .maskris import dcl_two_pass
 from .metrics import DEFAULT_THRESHOLDS, RISMetrics
 from .refer import decode_rle
 
@@ -41,8 +43,11 @@ ORIGINAL_MASK_KEY = "orig_mask"  # COCO RLE {"size": [h, w], "counts": str} of t
 
 
 class RISCollator:
-    """Transform rows -> ``processor(text, images)`` + ``labels`` (+ evaluation targets).
+    """Transform rows -> model inputs + ``labels`` (+ evaluation targets, or MaskRIS views).
 
+    Text and images go through one ``processor`` (CLIPSeg's), or through a separate ``tokenizer`` and
+    ``image_processor`` (any ``AutoTokenizer`` / ``AutoImageProcessor``: models with their own training
+    loop, such as LAVT, CRIS or CARIS); either way it is a plain ``DataLoader`` ``collate_fn``.
     ``labels``: each row's uint8 mask resized to the processed image size with the same bilinear
     filter image processors use (antialiased when shrinking), then thresholded at 0.5, as float32
     (B, H, W), so label pixels line up with ``pixel_values`` and CLIPSeg's BCE loss takes them as is.
@@ -50,14 +55,31 @@ class RISCollator:
     truth at original size (decoded from ``orig_mask``), the content box as fractions of the image
     and the ``sent_id``s. The mapping assumes the processor resizes the square transform image
     onto the whole of ``pixel_values`` (resize, no crop of a non-square image): CLIPSeg's does.
+    With ``maskris`` (a :class:`~nemo_hf.maskris.MaskRIS`), training batches (never evaluation batches)
+    also carry ``pixel_values_masked`` and ``input_ids_masked``, drawn from the rows' ``sent_id``s.
     """
 
-    def __init__(self, processor, max_length: int | None = None):
+    def __init__(
+        self, processor=None, max_length: int | None = None, *, tokenizer=None, image_processor=None, maskris=None
+    ):
+        if (processor is None) == (tokenizer is None or image_processor is None):
+            raise ValueError(
+                "RISCollator takes a processor, or a tokenizer and an image_processor (AutoTokenizer / "
+                "AutoImageProcessor), not both"
+            )
         self.processor = processor
+        self.tokenizer = tokenizer if processor is None else processor.tokenizer
+        self.image_processor = image_processor if processor is None else processor.image_processor
         self.max_length = max_length
+        self.maskris = maskris
 
     def __repr__(self) -> str:
-        return f"RISCollator(processor={type(self.processor).__name__}, max_length={self.max_length})"
+        parts = (
+            f"processor={type(self.processor).__name__}"
+            if self.processor is not None
+            else f"tokenizer={type(self.tokenizer).__name__}, image_processor={type(self.image_processor).__name__}"
+        )
+        return f"RISCollator({parts}, max_length={self.max_length}, maskris={self.maskris!r})"
 
     def __call__(self, rows: list[dict]) -> dict:
         if not rows:
@@ -69,16 +91,12 @@ class RISCollator:
                 "(NeMoMosaic / EvalTransform) set with set_transform, and the Trainer must keep raw columns "
                 "(RISTrainer does)"
             )
-        batch = dict(
-            self.processor(
-                text=[row["sentence"] for row in rows],
-                images=[row["image"] for row in rows],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-        )
+        texts, images = [row["sentence"] for row in rows], [row["image"] for row in rows]
+        text_kwargs = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        if self.processor is not None:
+            batch = dict(self.processor(text=texts, images=images, **text_kwargs))
+        else:
+            batch = dict(self.tokenizer(texts, **text_kwargs)) | dict(self.image_processor(images, return_tensors="pt"))
         height, width = batch["pixel_values"].shape[-2:]
         batch["labels"] = torch.from_numpy(np.stack([resize_mask(row["mask"], (height, width)) for row in rows]))
         is_eval = ["content_box" in row for row in rows]
@@ -86,6 +104,9 @@ class RISCollator:
             batch[TARGETS_KEY] = eval_targets(rows)
         elif any(is_eval):
             raise ValueError("a batch mixes evaluation rows (with content_box) and training rows")
+        elif self.maskris is not None:
+            keys = [row.get("sent_id") for row in rows]
+            batch = self.maskris(batch, self.tokenizer, None if None in keys else keys)
         return batch
 
 
@@ -272,9 +293,10 @@ class RISTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, model=None, args=None, *, threshold: float = 0.5, eval_expressions=None,
-                 predictions_path=None, **kwargs):  # fmt: skip
+                 predictions_path=None, maskris=None, **kwargs):  # fmt: skip
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
-            kwargs["data_collator"] = RISCollator(kwargs["processing_class"])
+            kwargs["data_collator"] = RISCollator(kwargs["processing_class"], maskris=maskris)
+        _check_maskris_collator(maskris, kwargs.get("data_collator"))
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = RISComputeMetrics(expressions=eval_expressions)
         elif eval_expressions is not None:
@@ -296,9 +318,20 @@ class RISTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.counts_at_original_size = CountsAtOriginalSize(threshold)
+        self.maskris = maskris
+        if maskris is not None:
+            self._dcl_log = DCLLog(maskris)
+            self.add_callback(self._dcl_log)
+            if maskris.backward == "per_pass" and self.is_deepspeed_enabled:
+                raise ValueError(
+                    "MaskRIS(backward='per_pass') calls backward twice per step, which DeepSpeed's engine does "
+                    "not allow; use MaskRIS(backward='combined')"
+                )
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs = {k: v for k, v in inputs.items() if k != TARGETS_KEY}
+        if self.maskris is not None and model.training:
+            return self._dcl_loss(model, inputs, *args, **kwargs)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
@@ -323,6 +356,23 @@ class RISTrainer(Trainer):
             self._prediction_writer = None
         return metrics
 
+    def _dcl_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """MaskRIS's two passes. Like the model's own loss, each term is a per-batch mean, so the Trainer's
+        division by the accumulation steps applies (``num_items_in_batch`` is not used); the clean
+        term's early backward (``backward="per_pass"``) is divided the same way here."""
+        backward = self._backward_clean_pass if self.maskris.backward == "per_pass" else None
+        loss, clean, masked = dcl_two_pass(model, inputs, self.maskris.clean_weight, backward)
+        self._dcl_log.add(clean, masked)
+        return (loss, None) if return_outputs else loss
+
+    def _backward_clean_pass(self, loss):
+        self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.maskris is not None and "loss" in logs:
+            logs = logs | self._dcl_log.pop(lambda t: nested_gather(t, self.args.parallel_mode))
+        super().log(logs, *args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = dict(inputs)
         targets = inputs.pop(TARGETS_KEY, None)
@@ -344,6 +394,42 @@ class RISTrainer(Trainer):
         return loss, counts, targets["sent_ids"].to(logits.device)
 
 
+def _check_maskris_collator(maskris, collator) -> None:
+    """The Trainer's MaskRIS must be the collator's: the epoch reaches only the object it is given."""
+    if not isinstance(collator, RISCollator) or collator.maskris is maskris:
+        return
+    if maskris is None:
+        raise ValueError("the RISCollator masks batches (maskris=...) but RISTrainer has no maskris: pass the same one")
+    raise ValueError(
+        "RISTrainer(maskris=...) needs the same MaskRIS object in its RISCollator(..., maskris=...), "
+        f"got {collator.maskris!r}"
+    )
+
+
+class DCLLog(TrainerCallback):
+    """Sets the MaskRIS epoch at each epoch begin, and averages DCL's clean and masked terms between logs."""
+
+    def __init__(self, maskris):
+        self.maskris = maskris
+        self.terms = []
+
+    def __repr__(self) -> str:
+        return f"DCLLog({self.maskris!r})"
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.maskris.set_epoch(math.floor((state.epoch or 0) + 1e-6))
+
+    def add(self, clean: torch.Tensor, masked: torch.Tensor) -> None:
+        self.terms.append(torch.stack([clean, masked]))
+
+    def pop(self, gather) -> dict:
+        if not self.terms:
+            return {}
+        mean = gather(torch.stack(self.terms).mean(dim=0)[None]).mean(dim=0).tolist()
+        self.terms = []
+        return {"loss_clean": mean[0], "loss_masked": mean[1]}
+
+
 def tiny_random_clipseg(image_size: int = 64, seed: int = 0):
     """An untrained CLIPSeg a few MB large + its processor (character-level tokenizer built in code),
     for tests and demos that must run offline on a CPU in seconds. Returns ``(model, processor)``."""
@@ -357,7 +443,7 @@ def tiny_random_clipseg(image_size: int = 64, seed: int = 0):
     )
 
     specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(string.ascii_lowercase + string.digits + " .,'-")))}
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(string.ascii_lowercase + string.digits + " .,'-*")))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")

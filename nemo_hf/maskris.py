@@ -1,0 +1,301 @@
+"""MaskRIS (naver-ai/maskris) for any model on the HF stack: image-patch and text-token masking, and
+Distortion-aware Contextual Learning (DCL).
+
+- :func:`mask_image_patches` and :func:`mask_text_tokens` make the masked view of a collated batch.
+- :class:`MaskRIS` holds the parameters (defaults: the paper's) and draws both masks for a batch from a
+  seed, the epoch and the batch's ``sent_id``s, so a run is reproducible whatever the DataLoader workers.
+  ``RISCollator(..., maskris=MaskRIS())`` calls it on training batches.
+- :func:`dcl_loss` / :func:`dcl_terms`: the clean view learns from the labels, the masked view from the
+  clean view's own detached prediction. :func:`dcl_two_pass` runs both passes of one model;
+  ``RISTrainer(..., maskris=...)`` uses it, and a hand-written loop can too.
+
+Text masking with tokenizers that have no mask token (CLIP, hence CLIPSeg): the obvious stand-in
+``<|endoftext|>`` is CLIP's eos *and* pad token, and HF's CLIP text model pools the sentence feature at
+the eos position (the first eos, or the highest id for configs with the legacy ``eos_token_id=2``).
+An eos mid-sentence would move the pooled feature to the masked word. We use :data:`MASK_STAND_IN` ("*")
+instead: an ordinary vocabulary token (CLIP saw it mid-caption in pre-training), nearly free of meaning,
+not special (so nothing that skips special tokens treats it as structure), and with an id (265) far below
+eos, so neither pooling rule can pick it. Set ``tokenizer.mask_token`` to choose another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MASK_STAND_IN = "*"
+MASKED_KEYS = {"pixel_values": "pixel_values_masked", "input_ids": "input_ids_masked"}
+BACKWARD_STRATEGIES = ("per_pass", "combined")
+
+
+def mask_image_patches(
+    pixel_values: torch.Tensor, patch_size: int = 32, ratio: float = 0.75, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (B, C, H, W) -> (masked copy, patch_mask (B, ceil(H/p), ceil(W/p)) bool, True = masked).
+
+    MAE-style, as the official code: per sample, random noise over the ``L`` patches, argsort, keep the
+    first ``int(L * (1 - ratio))``; the other patches become 0 (the mean colour in normalised space).
+    Edge patches of a size ``patch_size`` does not divide are clipped."""
+    if pixel_values.ndim != 4:
+        raise ValueError(f"expected pixel_values (B, C, H, W), got shape {tuple(pixel_values.shape)}")
+    _check_patch(patch_size, ratio)
+    batch, _, height, width = pixel_values.shape
+    grid_h, grid_w = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    n_patches = grid_h * grid_w
+    noise = torch.rand(batch, n_patches, generator=generator, device=_device(generator))
+    order = noise.argsort(dim=1)
+    keep = int(n_patches * (1 - ratio))
+    patch_mask = torch.zeros(batch, n_patches, dtype=torch.bool, device=order.device)
+    patch_mask.scatter_(1, order[:, keep:], True)
+    patch_mask = patch_mask.view(batch, grid_h, grid_w).to(pixel_values.device)
+    pixel_mask = patch_mask.repeat_interleave(patch_size, 1)[:, :height].repeat_interleave(patch_size, 2)[..., :width]
+    return pixel_values.masked_fill(pixel_mask[:, None], 0), patch_mask
+
+
+def mask_text_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokenizer,
+    ratio: float = 0.15,
+    mask_fraction: float = 0.8,
+    random_fraction: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """BERT-style masking of (B, T) ids; returns a masked copy (the attention mask stays as it is).
+
+    Each real token is chosen with probability ``ratio``; of those, ``mask_fraction`` become the mask token
+    (:func:`text_mask_token_id`), ``random_fraction`` a random non-special vocabulary id, the rest stay.
+    Special tokens (hence padding) and positions whose ``attention_mask`` is 0 are never touched."""
+    _check_text(ratio, mask_fraction, random_fraction)
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
+    device = input_ids.device
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype, device=device)
+    chosen = attention_mask.bool() & ~torch.isin(input_ids, special) & (_uniform(input_ids, generator) < ratio)
+    kind = _uniform(input_ids, generator)
+    to_mask = chosen & (kind < mask_fraction)
+    to_random = chosen & (kind >= mask_fraction) & (kind < mask_fraction + random_fraction)
+    vocabulary = replacement_vocabulary(tokenizer).to(device)
+    picks = torch.randint(len(vocabulary), input_ids.shape, generator=generator, device=_device(generator))
+    masked = input_ids.masked_fill(to_mask, text_mask_token_id(tokenizer))
+    return torch.where(to_random, vocabulary[picks.to(device)].to(input_ids.dtype), masked)
+
+
+def _device(generator: torch.Generator | None):
+    return generator.device if generator is not None else "cpu"
+
+
+def _uniform(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(like.shape, generator=generator, device=_device(generator)).to(like.device)
+
+
+def text_mask_token_id(tokenizer) -> int:
+    """The tokenizer's mask token, or :data:`MASK_STAND_IN` for tokenizers without one (see the module
+    docstring); never eos or pad, and below eos where eos is the vocabulary's last id (CLIP)."""
+    if tokenizer.mask_token_id is not None:
+        token_id, what = int(tokenizer.mask_token_id), f"mask token {tokenizer.mask_token!r}"
+    else:
+        ids = tokenizer(MASK_STAND_IN, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] in tokenizer.all_special_ids:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no mask token and {MASK_STAND_IN!r} is not one plain token of its "
+                "vocabulary: set tokenizer.mask_token to a token the text model may see mid-sentence"
+            )
+        token_id, what = int(ids[0]), f"stand-in {MASK_STAND_IN!r}"
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if token_id in (eos, pad):
+        raise ValueError(f"the {what} is the eos or pad token: the text model would pool or stop at it")
+    if eos is not None and eos == tokenizer.vocab_size - 1 and token_id > eos:
+        raise ValueError(
+            f"the {what} (id {token_id}) lies above eos (id {eos}): CLIP configs with the legacy eos_token_id=2 "
+            "pool at the highest id, which would then be the masked word"
+        )
+    return token_id
+
+
+def replacement_vocabulary(tokenizer) -> torch.Tensor:
+    """Ids a random replacement may take: the base vocabulary without special tokens."""
+    ids = torch.arange(tokenizer.vocab_size)
+    return ids[~torch.isin(ids, torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype))]
+
+
+def _check_patch(patch_size, ratio) -> None:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"image ratio must lie in [0, 1], got {ratio}")
+
+
+def _check_text(ratio, mask_fraction, random_fraction) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"text ratio must lie in [0, 1], got {ratio}")
+    if mask_fraction < 0 or random_fraction < 0 or mask_fraction + random_fraction > 1.0 + 1e-9:
+        raise ValueError(
+            f"mask_fraction ({mask_fraction}) and random_fraction ({random_fraction}) must be >= 0 and sum to <= 1"
+        )
+
+
+class MaskRIS:
+    """MaskRIS's parameters and its draws; defaults from the paper (patch 32, image ratio 0.75, text 0.15
+    with 80/10/10, DCL 0.5 clean + 0.5 masked).
+
+    ``backward``: ``"per_pass"`` (the official loop: backward after each pass, so the two passes never hold
+    activations together) or ``"combined"`` (one backward of the summed loss). ``set_epoch`` changes the
+    draws every epoch, as ``NeMoMosaic.set_epoch`` does; ``RISTrainer`` calls it at each epoch begin.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 32,
+        image_ratio: float = 0.75,
+        text_ratio: float = 0.15,
+        mask_fraction: float = 0.8,
+        random_fraction: float = 0.1,
+        clean_weight: float = 0.5,
+        backward: str = "per_pass",
+        seed: int = 0,
+    ):
+        _check_patch(patch_size, image_ratio)
+        _check_text(text_ratio, mask_fraction, random_fraction)
+        if not 0.0 <= clean_weight <= 1.0:
+            raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight}")
+        if backward not in BACKWARD_STRATEGIES:
+            raise ValueError(f"backward must be one of {BACKWARD_STRATEGIES}, got {backward!r}")
+        self.patch_size = patch_size
+        self.image_ratio = float(image_ratio)
+        self.text_ratio = float(text_ratio)
+        self.mask_fraction = float(mask_fraction)
+        self.random_fraction = float(random_fraction)
+        self.clean_weight = float(clean_weight)
+        self.backward = backward
+        self.seed = int(seed)
+        self.epoch = 0
+        self._unkeyed_batches = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskRIS(patch_size={self.patch_size}, image_ratio={self.image_ratio}, text_ratio={self.text_ratio}, "
+            f"mask_fraction={self.mask_fraction}, random_fraction={self.random_fraction}, "
+            f"clean_weight={self.clean_weight}, backward={self.backward!r}, seed={self.seed}, epoch={self.epoch})"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def generator(self, keys: Sequence[int] | None) -> torch.Generator:
+        """A generator seeded from (seed, epoch, keys). ``keys`` are the batch's ``sent_id``s; without them
+        a per-process batch counter (and the DataLoader worker id) stand in, reproducible for a fixed
+        number of workers only."""
+        if keys is None:
+            info = torch.utils.data.get_worker_info()
+            keys = [-1, info.id if info is not None else 0, self._unkeyed_batches]
+            self._unkeyed_batches += 1
+        entropy = [self.seed, self.epoch, *(int(k) & 0xFFFFFFFFFFFFFFFF for k in keys)]
+        state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def __call__(self, batch: Mapping, tokenizer, keys: Sequence[int] | None = None) -> dict:
+        """A collated batch -> the same batch plus ``pixel_values_masked`` and ``input_ids_masked``."""
+        generator = self.generator(keys)
+        out = dict(batch)
+        out["pixel_values_masked"], _ = mask_image_patches(
+            batch["pixel_values"], self.patch_size, self.image_ratio, generator
+        )
+        out["input_ids_masked"] = mask_text_tokens(
+            batch["input_ids"], batch["attention_mask"], tokenizer,
+            self.text_ratio, self.mask_fraction, self.random_fraction, generator,
+        )  # fmt: skip
+        return out
+
+
+def dcl_terms(clean_logits: torch.Tensor, masked_logits: torch.Tensor, labels: torch.Tensor):
+    """(clean term, masked term), both unweighted means.
+
+    Binary logits (B, H, W) or (B, 1, H, W): BCE(clean, labels) and BCE(masked, sigmoid(clean).detach()).
+    Class logits (B, C, H, W), C >= 2: cross-entropy with ``labels`` as class indices, and soft
+    cross-entropy of the masked logits against softmax(clean).detach()."""
+    if clean_logits.shape != masked_logits.shape:
+        raise ValueError(f"clean logits {tuple(clean_logits.shape)} and masked logits {tuple(masked_logits.shape)} differ")
+    return supervised_term(clean_logits, labels), distillation_term(masked_logits, clean_logits)
+
+
+def supervised_term(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE (binary logits) or cross-entropy (class logits) against the labels."""
+    if _is_class(logits):
+        if labels.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(
+                f"class logits {tuple(logits.shape)} need labels (B, H, W) of class indices, got {tuple(labels.shape)}"
+            )
+        return F.cross_entropy(logits, labels.long())
+    logits, labels = _binary(logits), _binary(labels)
+    if logits.ndim != 3 or labels.shape != logits.shape:
+        raise ValueError(
+            f"binary logits must be (B, H, W) or (B, 1, H, W) with labels of the same size; got logits "
+            f"{tuple(logits.shape)} and labels {tuple(labels.shape)} (resize the logits to the labels first)"
+        )
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def distillation_term(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """The masked view against the clean view's prediction, which is detached here: no gradient ever
+    reaches the clean logits through the target."""
+    target_logits = target_logits.detach()
+    if _is_class(logits):
+        return -(target_logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    return F.binary_cross_entropy_with_logits(_binary(logits), _binary(target_logits).sigmoid())
+
+
+def _is_class(logits: torch.Tensor) -> bool:
+    return logits.ndim == 4 and logits.shape[1] >= 2
+
+
+def _binary(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:, 0] if tensor.ndim == 4 and tensor.shape[1] == 1 else tensor
+
+
+def dcl_loss(clean_logits: torch.Tensor, masked_logits: torch.Tensor, labels: torch.Tensor, clean_weight: float = 0.5):
+    """``clean_weight * clean term + (1 - clean_weight) * masked term`` (see :func:`dcl_terms`); no gradient
+    reaches the clean logits through the masked term's target."""
+    clean, masked = dcl_terms(clean_logits, masked_logits, labels)
+    return clean_weight * clean + (1 - clean_weight) * masked
+
+
+def dcl_two_pass(
+    model, inputs: Mapping, clean_weight: float = 0.5, backward_clean: Callable[[torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both DCL passes of ``model`` on a batch with masked views -> (loss, clean term, masked term).
+
+    Pass 1 sees the clean inputs, pass 2 the same inputs with ``pixel_values`` and ``input_ids`` replaced
+    by their masked views; the model never gets ``labels`` (it would compute a loss we do not use).
+    With ``backward_clean``, the weighted clean term goes to it right after pass 1, so pass 1's
+    activations are freed before pass 2 runs; the returned loss then carries gradient for the masked
+    term only (its value still being the whole loss), ready for the caller's backward."""
+    missing = [key for key in ("labels", *MASKED_KEYS.values()) if key not in inputs]
+    if missing:
+        raise KeyError(
+            f"a DCL batch needs {missing} (got {sorted(inputs)}): collate training rows with "
+            "RISCollator(..., maskris=MaskRIS())"
+        )
+    labels = inputs["labels"]
+    clean_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in MASKED_KEYS.values()}
+    masked_inputs = clean_inputs | {key: inputs[masked] for key, masked in MASKED_KEYS.items()}
+
+    clean_logits = _logits(model(**clean_inputs))
+    clean = supervised_term(clean_logits, labels)
+    target_logits = clean_logits.detach()
+    del clean_logits
+    if backward_clean is not None:
+        backward_clean(clean_weight * clean)
+        clean = clean.detach()
+    masked = distillation_term(_logits(model(**masked_inputs)), target_logits)
+    return clean_weight * clean + (1 - clean_weight) * masked, clean.detach(), masked.detach()
+
+
+def _logits(outputs) -> torch.Tensor:
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
