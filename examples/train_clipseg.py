@@ -2,10 +2,13 @@
 
     python examples/train_clipseg.py --data DIR --config refcoco_unc --output-dir runs/clipseg-nemo
     python examples/train_clipseg.py --data DIR --tiny-random --max-steps 20   # offline smoke run
+    python examples/train_clipseg.py --data DIR --config refcoco_unc --maskris  # NeMo mosaics + MaskRIS (DCL)
 
 DIR is a hub-ready folder written by `nemo-hf build` (or a Hub dataset id). Training rows are NeMo
 mosaics rendered on the fly; evaluation has one row per sentence of the untouched split, scored as
-oIoU / mIoU / Prec@0.5,0.7,0.9 (IoU >= X) at each image's original resolution.
+oIoU / mIoU / Prec@0.5,0.7,0.9 (IoU >= X) at each image's original resolution. With --maskris, every
+training batch also gets MaskRIS's masked view (image patches and text tokens) and each step trains both
+views with Distortion-aware Contextual Learning (two forward passes).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 from datasets import load_dataset
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor, TrainingArguments, set_seed
 
+from nemo_hf.maskris import MaskRIS
 from nemo_hf.mosaic import EvalTransform, MosaicEpochCallback, NeMoMosaic, explode_sentences
 from nemo_hf.training import RISTrainer, tiny_random_clipseg
 
@@ -34,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers rendering mosaics")
     parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--maskris", action="store_true", help="MaskRIS masking + DCL with the paper's defaults")
     return parser.parse_args(argv)
 
 
@@ -74,6 +79,7 @@ def main(argv=None) -> dict:
         eval_dataset=evaluation,
         processing_class=processor,
         callbacks=[MosaicEpochCallback(mosaic)],
+        maskris=MaskRIS(seed=args.seed) if args.maskris else None,
     )
     trainer.train()
     metrics = trainer.evaluate()

@@ -19,6 +19,7 @@ _LAZY = {
     "render_preview": ".preview",
     "RISMetrics": ".metrics",
     "PredictionWriter": ".predictions",
+    "MaskRIS": ".maskris",
     "push_folder": ".hub",
     "make_refer_source": ".synthetic",
 }
