@@ -402,3 +402,30 @@ def test_trainer_refuses_a_collator_with_another_maskris(tmp_path):
                              maskris=MaskRIS(), train_dataset=raw_train_dataset(4))  # fmt: skip
     with pytest.raises(KeyError, match="maskris=MaskRIS"):
         trainer.compute_loss(model.train(), next(iter(trainer.get_train_dataloader())))
+
+
+@pytest.mark.slow
+def test_example_trains_clipseg_on_nemo_mosaics_with_maskris(tmp_path):
+    """NeMo mosaics -> collator with MaskRIS -> DCL training, through examples/train_clipseg.py --maskris."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from nemo_hf.folder import build_folder
+    from nemo_hf.synthetic import make_refer_source
+
+    source = make_refer_source(tmp_path / "src", n_images=16, seed=0, datasets=("refcoco",))
+    folder = build_folder(source, tmp_path / "folder", ["refcoco_unc"], mining=None)
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples/train_clipseg.py"))
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        metrics = example["main"]([
+            "--data", str(folder), "--tiny-random", "--maskris", "--max-steps", "30", "--batch-size", "8",
+            "--lr", "1e-2", "--logging-steps", "5", "--seed", "0", "--output-dir", str(run),
+        ])  # fmt: skip
+    assert 0.0 <= metrics["eval_oIoU"] <= 1.0 and metrics["eval_n_expressions"] > 0
+    logs = [entry for entry in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    assert len(logs) == 6 and all({"loss_clean", "loss_masked"} <= entry.keys() for entry in logs)
+    assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
+    assert logs[-1]["loss_clean"] < 0.5 * logs[0]["loss_clean"]
