@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 MASK_STAND_IN = "*"
-MASKED_KEYS = {"pixel_values": "pixel_values_masked", "input_ids": "input_ids_masked"}
+MASKED_KEYS = ("masked_pixels", "input_ids_masked")  # what MaskRIS adds to a collated batch
 BACKWARD_STRATEGIES = ("per_pass", "combined")
 
 
@@ -37,23 +37,38 @@ def mask_image_patches(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised (B, C, H, W) -> (masked copy, patch_mask (B, ceil(H/p), ceil(W/p)) bool, True = masked).
 
-    MAE-style, as the official code: per sample, random noise over the ``L`` patches, argsort, keep the
-    first ``int(L * (1 - ratio))``; the other patches become 0 (the mean colour in normalised space).
-    Edge patches of a size ``patch_size`` does not divide are clipped."""
+    Masked pixels become 0, the mean colour in normalised space. See :func:`random_patch_mask`."""
     if pixel_values.ndim != 4:
         raise ValueError(f"expected pixel_values (B, C, H, W), got shape {tuple(pixel_values.shape)}")
-    _check_patch(patch_size, ratio)
     batch, _, height, width = pixel_values.shape
-    grid_h, grid_w = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    patch_mask = random_patch_mask(batch, (height, width), patch_size, ratio, generator).to(pixel_values.device)
+    return apply_pixel_mask(pixel_values, patch_pixels(patch_mask, patch_size, (height, width))), patch_mask
+
+
+def random_patch_mask(
+    batch_size: int, size: tuple[int, int], patch_size: int = 32, ratio: float = 0.75, generator=None
+) -> torch.Tensor:
+    """Bool (B, ceil(H/p), ceil(W/p)), True = masked. MAE-style, as the official code: per sample, random
+    noise over the ``L`` patches, argsort, keep the first ``int(L * (1 - ratio))``, mask the rest. Edge
+    patches of a size ``patch_size`` does not divide are clipped by :func:`patch_pixels`."""
+    _check_patch(patch_size, ratio)
+    grid_h, grid_w = (math.ceil(side / patch_size) for side in size)
     n_patches = grid_h * grid_w
-    noise = torch.rand(batch, n_patches, generator=generator, device=_device(generator))
-    order = noise.argsort(dim=1)
-    keep = int(n_patches * (1 - ratio))
-    patch_mask = torch.zeros(batch, n_patches, dtype=torch.bool, device=order.device)
-    patch_mask.scatter_(1, order[:, keep:], True)
-    patch_mask = patch_mask.view(batch, grid_h, grid_w).to(pixel_values.device)
-    pixel_mask = patch_mask.repeat_interleave(patch_size, 1)[:, :height].repeat_interleave(patch_size, 2)[..., :width]
-    return pixel_values.masked_fill(pixel_mask[:, None], 0), patch_mask
+    order = torch.rand(batch_size, n_patches, generator=generator, device=_device(generator)).argsort(dim=1)
+    patch_mask = torch.zeros(batch_size, n_patches, dtype=torch.bool, device=order.device)
+    patch_mask.scatter_(1, order[:, int(n_patches * (1 - ratio)) :], True)
+    return patch_mask.view(batch_size, grid_h, grid_w)
+
+
+def patch_pixels(patch_mask: torch.Tensor, patch_size: int, size: tuple[int, int]) -> torch.Tensor:
+    """Patch grid (B, gh, gw) -> pixel mask (B, H, W), edge patches clipped to ``size``."""
+    height, width = size
+    return patch_mask.repeat_interleave(patch_size, 1)[:, :height].repeat_interleave(patch_size, 2)[..., :width]
+
+
+def apply_pixel_mask(pixel_values: torch.Tensor, masked_pixels: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) pixels with (B, H, W) ``masked_pixels`` set to 0: MaskRIS's masked image view."""
+    return pixel_values.masked_fill(masked_pixels.to(pixel_values.device)[:, None], 0)
 
 
 def mask_text_tokens(
@@ -199,12 +214,15 @@ class MaskRIS:
         return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def __call__(self, batch: Mapping, tokenizer, keys: Sequence[int] | None = None) -> dict:
-        """A collated batch -> the same batch plus ``pixel_values_masked`` and ``input_ids_masked``."""
+        """A collated batch -> the same batch plus ``masked_pixels`` (bool (B, H, W), True where the masked
+        view is 0) and ``input_ids_masked``. The masked image itself is made where the model runs
+        (:func:`apply_pixel_mask`, in :func:`dcl_two_pass`): a second float copy of ``pixel_values``
+        would cost a DataLoader worker more than all of the masking (see ``bench/bench_maskris.py``)."""
         generator = self.generator(keys)
+        batch_size, _, height, width = batch["pixel_values"].shape
+        patch_mask = random_patch_mask(batch_size, (height, width), self.patch_size, self.image_ratio, generator)
         out = dict(batch)
-        out["pixel_values_masked"], _ = mask_image_patches(
-            batch["pixel_values"], self.patch_size, self.image_ratio, generator
-        )
+        out["masked_pixels"] = patch_pixels(patch_mask, self.patch_size, (height, width))
         out["input_ids_masked"] = mask_text_tokens(
             batch["input_ids"], batch["attention_mask"], tokenizer,
             self.text_ratio, self.mask_fraction, self.random_fraction, generator,
@@ -270,19 +288,22 @@ def dcl_two_pass(
     """Both DCL passes of ``model`` on a batch with masked views -> (loss, clean term, masked term).
 
     Pass 1 sees the clean inputs, pass 2 the same inputs with ``pixel_values`` and ``input_ids`` replaced
-    by their masked views; the model never gets ``labels`` (it would compute a loss we do not use).
+    by their masked views (the image one made here, on the batch's device); the model never gets ``labels`` (it would compute a loss we do not use).
     With ``backward_clean``, the weighted clean term goes to it right after pass 1, so pass 1's
     activations are freed before pass 2 runs; the returned loss then carries gradient for the masked
     term only (its value still being the whole loss), ready for the caller's backward."""
-    missing = [key for key in ("labels", *MASKED_KEYS.values()) if key not in inputs]
+    missing = [key for key in ("labels", *MASKED_KEYS) if key not in inputs]
     if missing:
         raise KeyError(
             f"a DCL batch needs {missing} (got {sorted(inputs)}): collate training rows with "
             "RISCollator(..., maskris=MaskRIS())"
         )
     labels = inputs["labels"]
-    clean_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in MASKED_KEYS.values()}
-    masked_inputs = clean_inputs | {key: inputs[masked] for key, masked in MASKED_KEYS.items()}
+    clean_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in MASKED_KEYS}
+    masked_inputs = clean_inputs | {
+        "pixel_values": apply_pixel_mask(inputs["pixel_values"], inputs["masked_pixels"]),
+        "input_ids": inputs["input_ids_masked"],
+    }
 
     clean_logits = _logits(model(**clean_inputs))
     clean = supervised_term(clean_logits, labels)

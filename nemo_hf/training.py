@@ -56,7 +56,7 @@ class RISCollator:
     and the ``sent_id``s. The mapping assumes the processor resizes the square transform image
     onto the whole of ``pixel_values`` (resize, no crop of a non-square image): CLIPSeg's does.
     With ``maskris`` (a :class:`~nemo_hf.maskris.MaskRIS`), training batches (never evaluation batches)
-    also carry ``pixel_values_masked`` and ``input_ids_masked``, drawn from the rows' ``sent_id``s.
+    also carry ``masked_pixels`` (bool (B, H, W)) and ``input_ids_masked``, drawn from the rows' ``sent_id``s.
     """
 
     def __init__(

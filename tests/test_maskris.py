@@ -204,7 +204,7 @@ def test_maskris_repr_validation_and_seeded_epoch_draws(wordpiece):
 
     def draw(maskris, keys=tuple(range(8))):
         out = maskris(batch, wordpiece, list(keys))
-        return torch.cat([out["pixel_values_masked"].flatten(), out["input_ids_masked"].flatten().float()])
+        return torch.cat([out["masked_pixels"].flatten().float(), out["input_ids_masked"].flatten().float()])
 
     first = draw(maskris)
     assert torch.equal(first, draw(MaskRIS(patch_size=16, seed=3)))
@@ -270,14 +270,15 @@ def test_collator_adds_masked_views_to_training_batches_only():
     maskris = MaskRIS(patch_size=8, text_ratio=1.0)
     collate = RISCollator(processor, maskris=maskris)
     train = collate([train_row(i) for i in range(4)])
-    assert train["pixel_values_masked"].shape == train["pixel_values"].shape
-    assert (train["pixel_values_masked"] == 0).float().mean() > 0.7
+    masked_pixels = train["masked_pixels"]
+    assert masked_pixels.shape == (4, 32, 32) and masked_pixels.dtype == torch.bool
+    assert masked_pixels.flatten(1).float().mean(dim=1).tolist() == [0.75] * 4  # 16 patches of 8 px, 12 masked
     assert train["input_ids_masked"].shape == train["input_ids"].shape
     assert (train["input_ids_masked"] == processor.tokenizer.convert_tokens_to_ids("*")).any()
     assert torch.equal(collate([train_row(i) for i in range(4)])["input_ids_masked"], train["input_ids_masked"])
     ds = eval_dataset(2)
     evaluation = collate([ds[0], ds[1]])
-    assert TARGETS_KEY in evaluation and not {"pixel_values_masked", "input_ids_masked"} & set(evaluation)
+    assert TARGETS_KEY in evaluation and not {"masked_pixels", "input_ids_masked"} & set(evaluation)
     with pytest.raises(ValueError, match="not both"):
         RISCollator(processor, tokenizer=processor.tokenizer, image_processor=processor.image_processor)
     with pytest.raises(ValueError, match="not both"):
@@ -308,6 +309,14 @@ def test_collator_as_a_plain_dataloader_collate_fn_in_a_hand_written_dcl_loop():
     collate = RISCollator(tokenizer=processor.tokenizer, image_processor=processor.image_processor, maskris=maskris)
     loader = torch.utils.data.DataLoader([train_row(i) for i in range(8)], batch_size=4, collate_fn=collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    seen = []
+    model.register_forward_pre_hook(lambda module, a, kwargs: seen.append(kwargs), with_kwargs=True)
+    batch = next(iter(loader))
+    dcl_two_pass(model, batch)
+    assert [set(kwargs) for kwargs in seen] == [{"input_ids", "attention_mask", "pixel_values"}] * 2
+    assert torch.equal(seen[0]["pixel_values"], batch["pixel_values"])
+    assert torch.equal(seen[1]["pixel_values"], batch["pixel_values"].masked_fill(batch["masked_pixels"][:, None], 0))
+    assert torch.equal(seen[1]["input_ids"], batch["input_ids_masked"]) and seen[1]["attention_mask"] is batch["attention_mask"]
     losses = []
     for epoch in range(6):
         maskris.set_epoch(epoch)
@@ -328,7 +337,7 @@ def test_collator_draws_do_not_depend_on_dataloader_workers():
     runs = []
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=collate, num_workers=workers)
-        runs.append([(b["pixel_values_masked"], b["input_ids_masked"]) for b in loader])
+        runs.append([(b["masked_pixels"], b["input_ids_masked"]) for b in loader])
     for (p0, t0), (p1, t1) in zip(*runs):
         assert torch.equal(p0, p1) and torch.equal(t0, t1)
 
