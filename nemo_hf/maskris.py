@@ -20,6 +20,7 @@ eos, so neither pooling rule can pick it. Set ``tokenizer.mask_token`` to choose
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -134,8 +135,13 @@ def text_mask_token_id(tokenizer) -> int:
 
 def replacement_vocabulary(tokenizer) -> torch.Tensor:
     """Ids a random replacement may take: the base vocabulary without special tokens."""
-    ids = torch.arange(tokenizer.vocab_size)
-    return ids[~torch.isin(ids, torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype))]
+    return _vocabulary_without(tokenizer.vocab_size, frozenset(tokenizer.all_special_ids))
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary_without(vocab_size: int, special_ids: frozenset) -> torch.Tensor:
+    ids = torch.arange(vocab_size)
+    return ids[~torch.isin(ids, torch.tensor(sorted(special_ids), dtype=ids.dtype))]
 
 
 def _check_patch(patch_size, ratio) -> None:
