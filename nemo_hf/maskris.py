@@ -294,8 +294,8 @@ def dcl_two_pass(
     """Both DCL passes of ``model`` on a batch with masked views -> (loss, clean term, masked term).
 
     Pass 1 sees the clean inputs, pass 2 the same inputs with ``pixel_values`` and ``input_ids`` replaced
-    by their masked views (the image one made here, on the batch's device); the model never gets ``labels`` (it would compute a loss we do not use).
-    With ``backward_clean``, the weighted clean term goes to it right after pass 1, so pass 1's
+    by their masked views (the image one made here, on the batch's device, once pass 1 is done); the model
+    never gets ``labels`` (it would compute a loss we do not use). With ``backward_clean``, the weighted clean term goes to it right after pass 1, so pass 1's
     activations are freed before pass 2 runs; the returned loss then carries gradient for the masked
     term only (its value still being the whole loss), ready for the caller's backward."""
     missing = [key for key in ("labels", *MASKED_KEYS) if key not in inputs]
@@ -304,20 +304,18 @@ def dcl_two_pass(
             f"a DCL batch needs {missing} (got {sorted(inputs)}): collate training rows with "
             "RISCollator(..., maskris=MaskRIS())"
         )
-    labels = inputs["labels"]
     clean_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in MASKED_KEYS}
-    masked_inputs = clean_inputs | {
-        "pixel_values": apply_pixel_mask(inputs["pixel_values"], inputs["masked_pixels"]),
-        "input_ids": inputs["input_ids_masked"],
-    }
-
     clean_logits = _logits(model(**clean_inputs))
-    clean = supervised_term(clean_logits, labels)
+    clean = supervised_term(clean_logits, inputs["labels"])
     target_logits = clean_logits.detach()
     del clean_logits
     if backward_clean is not None:
         backward_clean(clean_weight * clean)
         clean = clean.detach()
+    masked_inputs = clean_inputs | {
+        "pixel_values": apply_pixel_mask(inputs["pixel_values"], inputs["masked_pixels"]),
+        "input_ids": inputs["input_ids_masked"],
+    }
     masked = distillation_term(_logits(model(**masked_inputs)), target_logits)
     return clean_weight * clean + (1 - clean_weight) * masked, clean.detach(), masked.detach()
 

@@ -288,6 +288,9 @@ class RISTrainer(Trainer):
       to the metrics; ``predictions_path`` (``.jsonl`` / ``.parquet``) saves each ``evaluate()``'s
       predictions in `nemo_hf.predictions`' format, for `nemo-hf eval` (one file per process, the rank
       inserted before the suffix, when there are several).
+    - ``maskris=MaskRIS(...)``: each training step runs MaskRIS's two passes and optimises the DCL loss
+      (:func:`~nemo_hf.maskris.dcl_two_pass`); the default collator gets the same object, whose epoch
+      is set at each epoch begin; logs add ``loss_clean`` and ``loss_masked`` (unweighted terms).
     """
 
     loss_is_scaled_for_ga = False
@@ -318,6 +321,10 @@ class RISTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = ["labels"]
         self.counts_at_original_size = CountsAtOriginalSize(threshold)
+        # CLIPSeg's forward takes **kwargs, so the Trainer would pass it num_items_in_batch (which its
+        # per-batch-mean BCE ignores) and then multiply the loss by the number of processes: gradients
+        # N times too large under DDP. A mean loss must not take part in that.
+        self.model_accepts_loss_kwargs = False
         self.maskris = maskris
         if maskris is not None:
             self._dcl_log = DCLLog(maskris)

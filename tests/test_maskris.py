@@ -19,7 +19,7 @@ from nemo_hf.maskris import (
     text_mask_token_id,
 )
 from nemo_hf.training import TARGETS_KEY, RISCollator, RISTrainer, tiny_random_clipseg
-from test_training import args, eval_dataset, raw_train_dataset, train_row
+from test_training import args, eval_dataset, raw_train_dataset, run_example, train_row
 
 CLIP = SHARED / "models/clip-vit-base-patch32-notweights"
 WORDS = "the a red blue green man woman dog cat left right top bottom small big one on at of in car tree".split()
@@ -416,25 +416,23 @@ def test_trainer_refuses_a_collator_with_another_maskris(tmp_path):
 @pytest.mark.slow
 def test_example_trains_clipseg_on_nemo_mosaics_with_maskris(tmp_path):
     """NeMo mosaics -> collator with MaskRIS -> DCL training, through examples/train_clipseg.py --maskris."""
-    import json
-    import runpy
-    from pathlib import Path
-
-    from nemo_hf.folder import build_folder
-    from nemo_hf.synthetic import make_refer_source
-
-    source = make_refer_source(tmp_path / "src", n_images=16, seed=0, datasets=("refcoco",))
-    folder = build_folder(source, tmp_path / "folder", ["refcoco_unc"], mining=None)
-    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples/train_clipseg.py"))
-    run = tmp_path / "run"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        metrics = example["main"]([
-            "--data", str(folder), "--tiny-random", "--maskris", "--max-steps", "30", "--batch-size", "8",
-            "--lr", "1e-2", "--logging-steps", "5", "--seed", "0", "--output-dir", str(run),
-        ])  # fmt: skip
+    metrics, logs, _ = run_example(tmp_path, "--maskris")
     assert 0.0 <= metrics["eval_oIoU"] <= 1.0 and metrics["eval_n_expressions"] > 0
-    logs = [entry for entry in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
     assert len(logs) == 6 and all({"loss_clean", "loss_masked"} <= entry.keys() for entry in logs)
     assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
     assert logs[-1]["loss_clean"] < 0.5 * logs[0]["loss_clean"]
+
+
+def test_mean_loss_is_not_scaled_by_the_number_of_processes(tmp_path, monkeypatch):
+    """CLIPSeg's forward takes **kwargs; the Trainer must still not treat its mean loss as a sum over
+    num_items_in_batch and multiply it by the processes (average_tokens_across_devices is on by default)."""
+    from accelerate import Accelerator
+
+    model, processor = tiny_random_clipseg(image_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer = RISTrainer(model=model, args=args(tmp_path), processing_class=processor)
+    batch = RISCollator(processor)([train_row(i) for i in range(2)])
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    loss = trainer.compute_loss(model.train(), batch, num_items_in_batch=torch.tensor(2 * 32 * 32))
+    torch.testing.assert_close(loss, model(**batch).loss)

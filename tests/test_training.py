@@ -302,13 +302,12 @@ def test_overfitting_a_fixed_batch_is_scored_well_at_original_resolution(tmp_pat
     assert after["eval_Prec@0.5"] > before["eval_Prec@0.5"] + 0.5
 
 
-@pytest.mark.slow
-def test_example_trains_on_synthetic_mosaics_and_evaluates_every_sentence(tmp_path):
+def run_example(tmp_path, *flags) -> tuple:
+    """examples/train_clipseg.py on a 16-image synthetic folder, tiny CLIPSeg, 30 steps of 8, logging every 5.
+    Returns (evaluation metrics, the logged training entries, the folder)."""
     import json
     import runpy
     from pathlib import Path
-
-    from datasets import load_dataset
 
     from nemo_hf.folder import build_folder
     from nemo_hf.synthetic import make_refer_source
@@ -321,16 +320,24 @@ def test_example_trains_on_synthetic_mosaics_and_evaluates_every_sentence(tmp_pa
         warnings.simplefilter("ignore", UserWarning)
         metrics = example["main"]([
             "--data", str(folder), "--tiny-random", "--max-steps", "30", "--batch-size", "8", "--lr", "1e-2",
-            "--logging-steps", "5", "--seed", "0", "--output-dir", str(run),
+            "--logging-steps", "5", "--seed", "0", "--output-dir", str(run), *flags,
         ])  # fmt: skip
+    assert (run / "model.safetensors").exists()
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    return metrics, [entry for entry in history if "loss" in entry], folder
+
+
+@pytest.mark.slow
+def test_example_trains_on_synthetic_mosaics_and_evaluates_every_sentence(tmp_path):
+    from datasets import load_dataset
+
+    metrics, logs, folder = run_example(tmp_path)
     for key in ("eval_oIoU", "eval_mIoU", "eval_Prec@0.5", "eval_Prec@0.7", "eval_Prec@0.9", "eval_loss"):
         assert 0.0 <= metrics[key] <= (1.0 if key != "eval_loss" else 10.0), key
     val = load_dataset(str(folder), "refcoco_unc", split="val")
     assert metrics["eval_n_expressions"] == sum(len(s) for s in val["sentences"]) > len(val)
-    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    losses = [entry["loss"] for entry in history if "loss" in entry]
+    losses = [entry["loss"] for entry in logs]
     assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
-    assert (run / "model.safetensors").exists()
 
 
 def test_counts_agree_with_eval_transform_mapping_for_squashed_rows():
