@@ -190,7 +190,9 @@ def test_clip_text_model_pools_at_the_same_position_after_masking(clip_tokenizer
 
 
 def test_maskris_repr_validation_and_seeded_epoch_draws(wordpiece):
-    maskris = MaskRIS(patch_size=16, seed=3)
+    import nemo_hf
+
+    maskris = nemo_hf.MaskRIS(patch_size=16, seed=3)
     assert repr(maskris) == (
         "MaskRIS(patch_size=16, image_ratio=0.75, text_ratio=0.15, mask_fraction=0.8, random_fraction=0.1, "
         "clean_weight=0.5, backward='per_pass', seed=3, epoch=0)"
