@@ -243,7 +243,9 @@ def dcl_terms(clean_logits: torch.Tensor, masked_logits: torch.Tensor, labels: t
     Class logits (B, C, H, W), C >= 2: cross-entropy with ``labels`` as class indices, and soft
     cross-entropy of the masked logits against softmax(clean).detach()."""
     if clean_logits.shape != masked_logits.shape:
-        raise ValueError(f"clean logits {tuple(clean_logits.shape)} and masked logits {tuple(masked_logits.shape)} differ")
+        raise ValueError(
+            f"clean logits {tuple(clean_logits.shape)} and masked logits {tuple(masked_logits.shape)} differ"
+        )
     return supervised_term(clean_logits, labels), distillation_term(masked_logits, clean_logits)
 
 
@@ -295,9 +297,10 @@ def dcl_two_pass(
 
     Pass 1 sees the clean inputs, pass 2 the same inputs with ``pixel_values`` and ``input_ids`` replaced
     by their masked views (the image one made here, on the batch's device, once pass 1 is done); the model
-    never gets ``labels`` (it would compute a loss we do not use). With ``backward_clean``, the weighted clean term goes to it right after pass 1, so pass 1's
-    activations are freed before pass 2 runs; the returned loss then carries gradient for the masked
-    term only (its value still being the whole loss), ready for the caller's backward."""
+    never gets ``labels`` (it would compute a loss we do not use). With ``backward_clean``, the weighted
+    clean term goes to it right after pass 1, so pass 1's activations are freed before pass 2 runs; the
+    returned loss then carries gradient for the masked term only (its value still being the whole loss),
+    ready for the caller's backward."""
     missing = [key for key in ("labels", *MASKED_KEYS) if key not in inputs]
     if missing:
         raise KeyError(

@@ -19,18 +19,11 @@ from nemo_hf.maskris import (
     text_mask_token_id,
 )
 from nemo_hf.training import TARGETS_KEY, RISCollator, RISTrainer, tiny_random_clipseg
+from test_training import one_torch_thread  # noqa: F401 (the autouse fixture applies here too)
 from test_training import args, eval_dataset, raw_train_dataset, run_example, train_row
 
 CLIP = SHARED / "models/clip-vit-base-patch32-notweights"
 WORDS = "the a red blue green man woman dog cat left right top bottom small big one on at of in car tree".split()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +58,13 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 # ---------------------------------------------------------------- image masking
 
 
-@pytest.mark.parametrize(("height", "width", "patch", "grid"), [(64, 64, 16, (4, 4)), (352, 352, 64, (6, 6)),
-                                                                 (480, 480, 64, (8, 8)), (100, 150, 16, (7, 10))])  # fmt: skip
+GRIDS = [(64, 64, 16, (4, 4)), (352, 352, 64, (6, 6)), (480, 480, 64, (8, 8)), (100, 150, 16, (7, 10))]
+
+
+@pytest.mark.parametrize(("height", "width", "patch", "grid"), GRIDS)
 def test_image_masking_count_fill_grid_and_untouched_pixels(height, width, patch, grid):
     pixels = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(0)) + 5  # no zeros
-    masked, patch_mask = mask_image_patches(pixels, patch_size=patch, ratio=0.75, generator=torch.Generator().manual_seed(1))
+    masked, patch_mask = mask_image_patches(pixels, patch, 0.75, generator=torch.Generator().manual_seed(1))
     n_patches = grid[0] * grid[1]
     assert patch_mask.shape == (3, *grid) and patch_mask.dtype == torch.bool
     assert patch_mask.flatten(1).sum(dim=1).tolist() == [n_patches - int(n_patches * 0.25)] * 3
@@ -291,7 +286,8 @@ def test_collator_adds_masked_views_to_training_batches_only():
 def test_collator_with_separate_tokenizer_and_image_processor(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     image_processor = ViTImageProcessorPil(size={"height": 48, "width": 48})
-    collate = RISCollator(tokenizer=tokenizer, image_processor=image_processor, maskris=MaskRIS(patch_size=16, text_ratio=1.0))
+    maskris = MaskRIS(patch_size=16, text_ratio=1.0)
+    collate = RISCollator(tokenizer=tokenizer, image_processor=image_processor, maskris=maskris)
     rows = [train_row(i) for i in range(3)]
     batch = collate(rows)
     expected = tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")
@@ -318,7 +314,8 @@ def test_collator_as_a_plain_dataloader_collate_fn_in_a_hand_written_dcl_loop():
     assert [set(kwargs) for kwargs in seen] == [{"input_ids", "attention_mask", "pixel_values"}] * 2
     assert torch.equal(seen[0]["pixel_values"], batch["pixel_values"])
     assert torch.equal(seen[1]["pixel_values"], batch["pixel_values"].masked_fill(batch["masked_pixels"][:, None], 0))
-    assert torch.equal(seen[1]["input_ids"], batch["input_ids_masked"]) and seen[1]["attention_mask"] is batch["attention_mask"]
+    assert torch.equal(seen[1]["input_ids"], batch["input_ids_masked"])
+    assert seen[1]["attention_mask"] is batch["attention_mask"]
     losses = []
     for epoch in range(6):
         maskris.set_epoch(epoch)
