@@ -110,7 +110,7 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         if self.config.name == IMAGES_CONFIG:
             return [datasets.SplitGenerator(name=TRAIN_SPLIT, gen_kwargs={"source": source})]
         rows, self.skipped = source.rows(self.config.name)
-        self.provenance = None
+        self.provenance = self.embeddings = None
         if self.config.mine and rows[TRAIN_SPLIT]:
             rows = {**rows, TRAIN_SPLIT: self._mined(source, rows[TRAIN_SPLIT])}
             self.info.description = f"{_DESCRIPTION}\nnemo_hf mining provenance: {json.dumps(self.provenance)}"
@@ -119,6 +119,7 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
     def _mined(self, source, train_rows: list[dict]) -> list[dict]:
         """Copies of the train rows with their negative columns filled (the source's rows stay unmined)."""
         from nemo_hf.embed import Embedder, demo_embedder
+        from nemo_hf.embeddings import MiningEmbeddings
         from nemo_hf.mine import MiningParams, mine_refs
 
         tau = self.config.tau
@@ -135,14 +136,24 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         images = source.instances(self.config.name).images
         pool = source.training_pool(self.config.name)
         own_and_pool = {row["image_id"] for row in train_rows} | set(pool)
+        image_files = {i: source.image_path(images[i]["file_name"]) for i in sorted(own_and_pool)}
+        cache_dir = self.config.embed_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings")
         columns, self.provenance = mine_refs(
             train_rows,
-            image_files={i: source.image_path(images[i]["file_name"]) for i in own_and_pool},
+            image_files=image_files,
             pool_image_ids=pool,
             embedder=embedder,
             params=params,
-            cache_dir=self.config.embed_cache_dir
-            or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings"),
+            cache_dir=cache_dir,
+        )
+        # The vectors the rule saw (cache hits now), so a folder can show and re-check its negatives.
+        sentences = [(s["sent_id"], s["sent"], row["image_id"]) for row in train_rows for s in row["sentences"]]
+        self.embeddings = MiningEmbeddings(
+            image_ids=list(image_files),
+            images=embedder.embed_images(list(image_files.items()), cache_dir=cache_dir),
+            sent_ids=[sent_id for sent_id, _, _ in sentences],
+            sent_image_ids=[image_id for _, _, image_id in sentences],
+            sentences=embedder.embed_texts([(sent_id, text) for sent_id, text, _ in sentences], cache_dir=cache_dir),
         )
         mined = []
         for row in train_rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, embeddings
 from .refer import ReferFormatError
 from .schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
 from .source import open_source
@@ -50,6 +50,13 @@ class BuildReport:
     configs: dict = field(default_factory=dict)  # name -> {"splits": {split: {...counts, shards}}, "mining": ..., "skipped": ...}
     default_config: str = DEFAULT_CONFIG
     eval_images_excluded_from_pools: int = 0
+    embeddings: dict = field(default_factory=dict)  # the mining embeddings kept beside the data (nemo_hf.embeddings)
+
+    @property
+    def embedding_files(self) -> list[str]:
+        return [self.embeddings[k] for k in ("images",) if k in self.embeddings] + list(
+            self.embeddings.get("sentences", {}).values()
+        )
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -107,6 +114,7 @@ def build_folder(
         )
         common = {"source": str(source.root), "image_dir": str(source.image_dir), "cache_dir": str(partial / ".cache")}
         mining_fields = {"mine": False} if mining is None else {"mine": True, **asdict(mining)}
+        embedded_images: dict = {}
         for config in configs:
             logger.info("building %s from %s", config, source.root)
             builder = NemoRefcoco(config_name=config, **common, **mining_fields)
@@ -115,7 +123,11 @@ def build_folder(
             entry["skipped"] = {split: refs for split, refs in builder.skipped.items() if refs}
             if builder.provenance:
                 _stamp_provenance(partial, entry, builder.provenance)
+            if builder.embeddings is not None:
+                _keep_embeddings(partial, report, config, builder, embedded_images)
             report.configs[config] = entry
+        if embedded_images:
+            report.embeddings["images"] = embeddings.write_images(partial, embedded_images)
         logger.info("building %s (the images of %s)", IMAGES_CONFIG, ", ".join(configs))
         builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
         report.configs[IMAGES_CONFIG] = _prepare(builder, partial, IMAGES_CONFIG, max_shard_size)
@@ -170,6 +182,15 @@ def _counts(folder: Path, shards: list[str]) -> dict:
         sentences += pc.sum(pc.list_value_length(table["sentences"])).as_py() or 0
         images.update(table["image_id"].to_pylist())
     return {"sentences": sentences, "images": len(images)}
+
+
+def _keep_embeddings(folder: Path, report: BuildReport, config: str, builder, embedded_images: dict) -> None:
+    """The config's sentence embeddings into ``embeddings/<config>.parquet``; its image ones join the build's."""
+    kept = builder.embeddings
+    report.embeddings.setdefault("model", builder.provenance["model"])
+    report.embeddings["dtype"] = embeddings.DTYPE
+    report.embeddings.setdefault("sentences", {})[config] = embeddings.write_sentences(folder, config, kept)
+    embedded_images.update(zip(kept.image_ids, kept.images))
 
 
 def _stamp_provenance(folder: Path, entry: dict, provenance: dict) -> None:

@@ -75,6 +75,7 @@ def push_folder(
         report = dataclasses.replace(report, configs={k: v for k, v in report.configs.items() if k != IMAGES_CONFIG})
 
     files = [MANIFEST] + [s for entry in report.configs.values() for split in entry["splits"].values() for s in split["shards"]]
+    files += [f for f in report.embedding_files if (folder / f).is_file()]
     if (folder / PREVIEW_FILE).is_file():
         files.append(PREVIEW_FILE)
     card = render_card(report, repo=repo_id, preview=(folder / PREVIEW_FILE).is_file()).encode()
@@ -84,7 +85,7 @@ def push_folder(
     api = api or HfApi()
     repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
     pushed = set(files)
-    stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", token=token) if f.startswith("data/") and f not in pushed]
+    stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", token=token) if f.startswith(("data/", "embeddings/")) and f not in pushed]
     operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
     commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="dataset", token=token)
     return getattr(commit, "commit_url", None) or str(repo_url)

@@ -1,0 +1,87 @@
+"""The mining embeddings a folder keeps beside its data, so `stats` and `show` can re-check the negatives
+(and preview another tau) without the model and without rebuilding.
+
+``embeddings/images.parquet`` (``image_id``, ``embedding``) holds every image the build embedded (each mined
+config's pool and its training refs' own images); ``embeddings/<config>.parquet`` (``sent_id``, ``image_id``,
+``embedding``) each training sentence of that config. Vectors are the mining model's L2-normalised embeddings
+stored as float16 (half the size; cosines recomputed from them agree with the build's float32 ones to ~1e-3).
+One model per build: the manifest's ``embeddings`` entry and each config's mining provenance name it.
+These files are not part of any `datasets` config: the refs rows stay as small as the schema says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+DIRECTORY = "embeddings"
+IMAGES_FILE = f"{DIRECTORY}/images.parquet"
+DTYPE = "float16"
+
+
+@dataclass
+class MiningEmbeddings:
+    """Image and sentence embeddings of one mining run (rows aligned with the id lists)."""
+
+    image_ids: list[int]
+    images: np.ndarray
+    sent_ids: list[int]
+    sent_image_ids: list[int]
+    sentences: np.ndarray
+
+    def __repr__(self) -> str:
+        return f"MiningEmbeddings({len(self.image_ids)} images, {len(self.sent_ids)} sentences, dim {self.images.shape[1]})"
+
+
+def sentences_file(config: str) -> str:
+    return f"{DIRECTORY}/{config}.parquet"
+
+
+def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def write_images(folder: Path, embedded: dict[int, np.ndarray]) -> str:
+    """``embeddings/images.parquet`` from image id -> vector; returns its path in the folder."""
+    ids = sorted(embedded)
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "embedding": _vectors(np.stack([embedded[i] for i in ids]))})
+    (folder / DIRECTORY).mkdir(exist_ok=True)
+    pq.write_table(table, folder / IMAGES_FILE)
+    return IMAGES_FILE
+
+
+def write_sentences(folder: Path, config: str, embeddings: MiningEmbeddings) -> str:
+    """``embeddings/<config>.parquet`` for one config's training sentences; returns its path in the folder."""
+    table = pa.table(
+        {
+            "sent_id": pa.array(embeddings.sent_ids, pa.int64()),
+            "image_id": pa.array(embeddings.sent_image_ids, pa.int64()),
+            "embedding": _vectors(embeddings.sentences),
+        }
+    )
+    (folder / DIRECTORY).mkdir(exist_ok=True)
+    pq.write_table(table, folder / sentences_file(config))
+    return sentences_file(config)
+
+
+def _read(path: Path, *columns: str) -> tuple[list[np.ndarray], np.ndarray]:
+    table = pq.read_table(path)
+    vectors = table["embedding"].combine_chunks()
+    matrix = vectors.flatten().to_numpy().astype(np.float32).reshape(len(table), vectors.type.list_size)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)  # undo float16 rounding of the norm
+    return [table[c].to_numpy() for c in columns], matrix
+
+
+def read(folder: str | Path, config: str) -> MiningEmbeddings | None:
+    """The embeddings a folder keeps for ``config`` (float32, unit norm), or None when it keeps none."""
+    folder = Path(folder)
+    if not (folder / IMAGES_FILE).is_file() or not (folder / sentences_file(config)).is_file():
+        return None
+    (image_ids,), images = _read(folder / IMAGES_FILE, "image_id")
+    (sent_ids, sent_image_ids), sentences = _read(folder / sentences_file(config), "sent_id", "image_id")
+    return MiningEmbeddings(image_ids.tolist(), images, sent_ids.tolist(), sent_image_ids.tolist(), sentences)
