@@ -16,8 +16,7 @@ from pathlib import Path
 
 import datasets
 
-from nemo_hf import __version__
-from nemo_hf import refer
+from nemo_hf import __version__, progress, refer
 from nemo_hf.refer import ReferFormatError
 from nemo_hf.schema import DEFAULT_CONFIG, IMAGES_CONFIG, IMAGES_FEATURES, REFS_CONFIGS, REFS_FEATURES, TRAIN_SPLIT
 from nemo_hf.source import open_source
@@ -110,6 +109,8 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         if self.config.name == IMAGES_CONFIG:
             return [datasets.SplitGenerator(name=TRAIN_SPLIT, gen_kwargs={"source": source})]
         rows, self.skipped = source.rows(self.config.name)
+        with progress.stage("read", sum(map(len, rows.values()))) as bar:
+            bar.update(sum(map(len, rows.values())))
         self.provenance = self.embeddings = None
         if self.config.mine and rows[TRAIN_SPLIT]:
             rows = {**rows, TRAIN_SPLIT: self._mined(source, rows[TRAIN_SPLIT])}
@@ -146,6 +147,8 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
             params=params,
             cache_dir=cache_dir,
         )
+        with progress.stage("select", self.provenance["sentences"]) as bar:
+            bar.update(self.provenance["sentences"])
         # The vectors the rule saw (cache hits now), so a folder can show and re-check its negatives.
         sentences = [(s["sent_id"], s["sent"], row["image_id"]) for row in train_rows for s in row["sentences"]]
         self.embeddings = MiningEmbeddings(
@@ -163,8 +166,10 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
 
     def _generate_examples(self, rows=None, source=None):
         if source is None:
-            for row in rows:
-                yield row["ref_id"], row
+            with progress.stage("write", len(rows)) as bar:
+                for row in rows:
+                    yield row["ref_id"], row
+                    bar.update()
             return
         yield from self._image_examples(source)
 
@@ -185,8 +190,10 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
                     images.setdefault(row["image_id"], instances.images[row["image_id"]])
                     holders.setdefault(row["image_id"], {}).setdefault(instances.path, instances)
         pools = {config: set(source.training_pool(config)) for config in configs}
+        bar = progress.stage("write", len(images))
         for image_id in sorted(images):
             image = images[image_id]
+            bar.update()
             yield image_id, {
                 "image_id": image_id,
                 "file_name": image["file_name"],
@@ -197,4 +204,5 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
                 "negative_pool_of": [c for c in configs if image_id in pools[c]],
                 "objects": refer.image_objects(list(holders[image_id].values()), image_id),
             }
+        bar.close()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__, embeddings
+from . import __version__, embeddings, progress
 from .refer import ReferFormatError
 from .schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
 from .source import open_source
@@ -95,6 +95,11 @@ def build_folder(
 
     ``mining=None`` leaves the negative columns empty.
     """
+    with progress.build_stages():
+        return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size)
+
+
+def _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size) -> Path:
     from nemo_hf_builders.nemo_refcoco import NemoRefcoco
 
     out_dir = Path(out_dir).expanduser().resolve()
