@@ -126,10 +126,10 @@ def _load_split(folder: str, config: str, split: str = "train"):
 
 
 def cmd_stats(args) -> int:
-    from .stats import write_stats
+    from .stats import folder_stats
 
     out = args.output or f"{args.config}_negatives.png"
-    print(write_stats(_load_split(args.folder, args.config, args.split), out))
+    print(folder_stats(args.folder, args.config, out, split=args.split, tau=args.tau, sample=args.sample, seed=args.seed))
     print(f"plot: {out}")
     return 0
 

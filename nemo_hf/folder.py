@@ -65,6 +65,13 @@ class BuildReport:
     def read(cls, folder: str | os.PathLike) -> "BuildReport":
         path = Path(folder) / MANIFEST
         if not path.is_file():
+            if Path(folder).is_dir() and any(
+                (Path(folder) / REFS_CONFIGS[c].dataset / "instances.json").is_file() for c in REFS_CONFIGS
+            ):
+                raise FileNotFoundError(
+                    f"{folder} is a refer source, not a built folder: build one first with "
+                    f"`nemo-hf build --source {folder} --out DIR`, then point this command at DIR"
+                )
             raise FileNotFoundError(f"{path}: no build manifest; is {folder} a folder written by `nemo-hf build`?")
         return cls(**json.loads(path.read_text()))
 
