@@ -145,6 +145,17 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from .show import show_ref
+
+    shown = show_ref(args.folder, args.config, ref_id=args.ref_id, sent_id=args.sent_id, show_all=args.all)
+    out = args.output or f"ref_{args.ref_id if args.ref_id is not None else 'sent_' + str(args.sent_id)}.png"
+    shown.image.save(out)
+    print(shown.text)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_folder
 
@@ -246,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the report as JSON here")
     ev.add_argument("--plot", help="also draw the breakdowns as bar charts (PNG)")
     ev.set_defaults(func=cmd_eval)
+
+    sh = sub.add_parser("show", help="one ref: its image with the mask, its sentences, and their negatives (like showRef)")
+    sh.add_argument("folder", help="a folder written by nemo-hf build")
+    sh.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    which = sh.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ref-id", type=_non_negative, help="the ref to show, with all its sentences")
+    which.add_argument("--sent-id", type=_non_negative, help="a sentence: its ref, that sentence alone")
+    sh.add_argument("--all", action="store_true",
+                    help="every candidate the rule walked, best t2i first, the ones tau dropped marked in red")
+    sh.add_argument("-o", "--output", help="PNG path (default ref_<id>.png or ref_sent_<id>.png)")
+    sh.set_defaults(func=cmd_show)
 
     p = sub.add_parser("push", help="upload a built folder to the Hub in one atomic commit")
     p.add_argument("folder", help="a folder written by nemo-hf build")

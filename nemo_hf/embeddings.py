@@ -69,19 +69,21 @@ def write_sentences(folder: Path, config: str, embeddings: MiningEmbeddings) -> 
     return sentences_file(config)
 
 
-def _read(path: Path, *columns: str) -> tuple[list[np.ndarray], np.ndarray]:
-    table = pq.read_table(path)
+def _read(path: Path, *columns: str, filters=None) -> tuple[list[np.ndarray], np.ndarray]:
+    table = pq.read_table(path, filters=filters)
     vectors = table["embedding"].combine_chunks()
     matrix = vectors.flatten().to_numpy().astype(np.float32).reshape(len(table), vectors.type.list_size)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)  # undo float16 rounding of the norm
     return [table[c].to_numpy() for c in columns], matrix
 
 
-def read(folder: str | Path, config: str) -> MiningEmbeddings | None:
-    """The embeddings a folder keeps for ``config`` (float32, unit norm), or None when it keeps none."""
+def read(folder: str | Path, config: str, sent_ids: list[int] | None = None) -> MiningEmbeddings | None:
+    """The embeddings a folder keeps for ``config`` (float32, unit norm; only ``sent_ids`` when given),
+    or None when it keeps none."""
     folder = Path(folder)
     if not (folder / IMAGES_FILE).is_file() or not (folder / sentences_file(config)).is_file():
         return None
     (image_ids,), images = _read(folder / IMAGES_FILE, "image_id")
-    (sent_ids, sent_image_ids), sentences = _read(folder / sentences_file(config), "sent_id", "image_id")
+    only = None if sent_ids is None else [("sent_id", "in", [int(i) for i in sent_ids])]
+    (sent_ids, sent_image_ids), sentences = _read(folder / sentences_file(config), "sent_id", "image_id", filters=only)
     return MiningEmbeddings(image_ids.tolist(), images, sent_ids.tolist(), sent_image_ids.tolist(), sentences)
