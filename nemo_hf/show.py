@@ -21,10 +21,11 @@ from PIL import Image, ImageDraw
 from . import embeddings
 from .preview import NOTE_COLOUR, TEXT_COLOUR, _font, _wrap, mask_edge, outline_mask
 from .refer import decode_mask
-from .schema import IMAGES_CONFIG
+from .schema import IMAGES_CONFIG, TRAIN_SPLIT
 
 KEPT_FRAME = (0, 90, 255)  # a negative the build kept
 DROPPED_FRAME = (255, 0, 0)  # a candidate the filter dropped (show_all)
+DROPPED_TEXT = (200, 0, 0)  # not the frame's colour: frames can be counted on the sheet
 OTHER_COLOUR = (255, 200, 0)  # outlines of the image's other referred objects of the same category
 FRAME = 3
 MARGIN = 10
@@ -152,7 +153,7 @@ def show_ref(
     row = _find_row(shards, ref_id, sent_id)
     mining = report.configs[config].get("mining")
     indices = [i for i, s in enumerate(row["sentences"]) if sent_id is None or s["sent_id"] == int(sent_id)]
-    mined = bool(row["negatives"])
+    mined = bool(mining) and row["split"] == TRAIN_SPLIT  # eval rows keep one empty list per sentence
     kept = embeddings.read(folder, config, [row["sentences"][i]["sent_id"] for i in indices]) if mined else None
     pool_ids = _pool(folder, report, config) if show_all and mined else []
 
@@ -187,7 +188,7 @@ def show_ref(
         sentence = row["sentences"][i]
         head = _wrap(f"{sentence['sent_id']}: \u201c{sentence['sent']}\u201d", measure, font, width - 2 * MARGIN)
         if not mined:
-            note = [f"no negatives ({row['split']} split)" if row["split"] != "train" else "no negatives (built with --no-mining)"]
+            note = [f"no negatives ({row['split']} split)" if row["split"] != TRAIN_SPLIT else "no negatives (built with --no-mining)"]
             blocks.append((head, note, []))
             continue
         cands = candidates[i]
@@ -231,7 +232,7 @@ def show_ref(
             if dropped:
                 caption[0] += " dropped"
             for j, line in enumerate(caption):
-                draw.text((x0, y0 + thumb + 2 + j * small_h), line, fill=DROPPED_FRAME if dropped else NOTE_COLOUR, font=small)
+                draw.text((x0, y0 + thumb + 2 + j * small_h), line, fill=DROPPED_TEXT if dropped else NOTE_COLOUR, font=small)
             tiles.append(Tile(image_id, (x0, y0, x0 + thumb, y0 + thumb), t2i, i2i, dropped))
             text.append("  " + " ".join(caption))
         y += grid_h(len(cands)) + MARGIN

@@ -194,13 +194,12 @@ def write_stats(refs_dataset, out_png: str | Path, similarity: Similarity | None
         )
     figure.tight_layout()
     figure.canvas.draw()
-    metadata = {}
+    geometry = {"pool_xlim": [round(v, 6) for v in right.get_xlim()]}
     if tau_axes is not None:
         x0, y0, x1, y1 = tau_axes.get_window_extent().extents  # display pixels, origin bottom-left
         height = figure.bbox.height
-        geometry = {"tau_axes_px": [x0, height - y1, x1, height - y0], "xlim": list(tau_axes.get_xlim())}
-        metadata["nemo_hf"] = json.dumps(geometry)
-    figure.savefig(out_png, dpi=100, metadata=metadata)
+        geometry.update({"tau_axes_px": [x0, height - y1, x1, height - y0], "xlim": list(tau_axes.get_xlim())})
+    figure.savefig(out_png, dpi=100, metadata={"nemo_hf": json.dumps(geometry)})
     plt.close(figure)
     report = stats_report(stats, unmined)
     if similarity is not None:
