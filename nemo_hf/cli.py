@@ -135,7 +135,10 @@ def cmd_stats(args) -> int:
 
 
 def cmd_preview(args) -> int:
+    from .folder import BuildReport
     from .preview import render_preview
+
+    BuildReport.read(args.folder)  # a clear error for a refer source or any other folder
 
     refs = _load_split(args.folder, args.config, args.split)
     grid = render_preview(refs, _load_split(args.folder, "images"), n=args.n, output_size=args.size,

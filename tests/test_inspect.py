@@ -209,3 +209,37 @@ def test_show_errors(folder, capsys):
     assert "one of the arguments --ref-id --sent-id is required" in capsys.readouterr().err
     with pytest.raises(TypeError, match="refs row .* or an RLE dict"):
         decode_mask({"counts": "x"})
+
+
+def test_preview_outlines_the_mask_and_scores_each_negative_tile(folder, source, tmp_path, capsys):
+    from datasets import Dataset
+
+    from nemo_hf.mosaic import NeMoMosaic
+    from nemo_hf.preview import MASK_ALPHA, MASK_COLOUR, _tiles, outline_mask
+
+    image = np.full((20, 30, 3), (40, 160, 60), np.uint8)  # "green"
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 8:22] = 1
+    drawn = outline_mask(image, mask)
+    assert (drawn[5, 8:22] == MASK_COLOUR).all() and (drawn[5:15, 8] == MASK_COLOUR).all()  # the contour
+    tint = np.round((1 - MASK_ALPHA) * np.array([40, 160, 60]) + MASK_ALPHA * np.array(MASK_COLOUR))
+    assert (drawn[10, 15] == tint).all() and drawn[10, 15, 1] > drawn[10, 15, 0]  # still green inside
+    assert (drawn[0, 0] == image[0, 0]).all()
+
+    report = BuildReport.read(folder)
+    read = lambda c: Dataset.from_parquet([str(folder / s) for s in report.configs[c]["splits"]["train"]["shards"]])  # noqa: E731
+    refs, images = read("refcoco_unc"), read("images")
+    row = refs[0]
+    sample = NeMoMosaic(images, output_size=64, p={"retrieval": 1.0}, config="refcoco_unc")(
+        {k: [v] for k, v in row.items()}
+    )
+    sample = {k: v[0] for k, v in sample.items()}
+    index = [s["sent_id"] for s in row["sentences"]].index(sample["sent_id"])
+    scores = dict(zip(row["negatives"][index], row["negative_scores"][index]))
+    caption = _tiles(sample, row)
+    for quadrant, image_id in enumerate(sample["tile_image_ids"]):
+        expected = "target" if quadrant == sample["target_quadrant"] else f"t2i {scores[image_id]:.3f}"
+        assert f"{image_id} {expected}" in caption
+
+    assert main(["preview", str(source), "-o", str(tmp_path / "g.png")]) == 2
+    assert "is a refer source, not a built folder" in capsys.readouterr().err
