@@ -9,11 +9,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
+
 from . import __version__
 from .refer import ReferFormatError
 from .schema import config_name
-from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
-
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 DESCRIPTION = "nemo-hf: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."
@@ -37,24 +37,22 @@ def _tau(value: str):
     return tau
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return number
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return number
+
+    return parse
 
 
-def _non_negative(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return number
+_positive, _non_negative = _at_least(1), _at_least(0)
 
 
 def _configure_logging() -> None:
