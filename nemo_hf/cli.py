@@ -55,17 +55,28 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (``main`` may run again under other streams)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _configure_logging() -> None:
-    """nemo_hf's own INFO lines only; other libraries keep their own handlers (a root handler would
-    print FAISS's loader chatter and repeat every huggingface_hub warning)."""
+    """nemo_hf's own INFO lines, on a handler of the ``nemo_hf`` logger. No root handler: one would print
+    FAISS's loader chatter and repeat every huggingface_hub warning (that library has its own handler)."""
     package = logging.getLogger("nemo_hf")
     if not any(getattr(h, "nemo_hf_cli", False) for h in package.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler.nemo_hf_cli = True
         package.addHandler(handler)
     package.setLevel(logging.INFO)
-    package.propagate = False
 
 
 def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
