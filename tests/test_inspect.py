@@ -243,3 +243,18 @@ def test_preview_outlines_the_mask_and_scores_each_negative_tile(folder, source,
 
     assert main(["preview", str(source), "-o", str(tmp_path / "g.png")]) == 2
     assert "is a refer source, not a built folder" in capsys.readouterr().err
+
+
+def test_push_carries_the_embeddings_and_drops_stale_ones(folder):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from test_hub import RecordingApi
+
+    from nemo_hf.hub import push_folder
+
+    api = RecordingApi(existing=["embeddings/refcocog_umd.parquet", "embeddings/refcoco_unc.parquet"])
+    push_folder(folder, "someone/nemo-refcoco", token="hf_test", api=api)
+    ops = next(c for c in api.calls if c[0] == "create_commit")[2]
+    added = {op.path_in_repo: op.path_or_fileobj for op in ops if isinstance(op, CommitOperationAdd)}
+    for name in ("embeddings/images.parquet", "embeddings/refcoco_unc.parquet"):
+        assert added[name] == str(folder / name)
+    assert {op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete)} == {"embeddings/refcocog_umd.parquet"}
