@@ -10,6 +10,7 @@ negatives (val/test, unmined builds) count as refs but contribute no sentence. O
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from . import embeddings
+from .schema import IMAGES_CONFIG
 
 NEGATIVE_COLUMNS = ("sentences", "negatives", "negative_scores", "negative_fallback")
 QUANTILES = {"min": 0, "p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95, "max": 100}
@@ -260,8 +264,8 @@ def folder_stats(
 
     folder = Path(folder)
     report = BuildReport.read(folder)
-    if config not in report.configs or config == "images":
-        known = ", ".join(c for c in report.configs if c != "images")
+    if config not in report.configs or config == IMAGES_CONFIG:
+        known = ", ".join(c for c in report.configs if c != IMAGES_CONFIG)
         raise ValueError(f"{folder}: no refs config {config!r} in this folder (it has {known})")
     if split not in report.configs[config]["splits"]:
         raise ValueError(f"{folder}: {config} has no split {split!r} (it has {', '.join(report.configs[config]['splits'])})")
@@ -273,8 +277,6 @@ def folder_stats(
             raise ValueError(f"{folder}: {config} was built with --no-mining: there is no tau to preview")
         return write_stats(refs, out_png, unmined=f"{config} was built with --no-mining: it has no negatives")
     similarity = None
-    from . import embeddings
-
     kept = embeddings.read(folder, config)
     if kept is None:
         if tau is not None:
@@ -288,7 +290,7 @@ def folder_stats(
 def _pool(folder: Path, report, config: str) -> np.ndarray:
     """Image ids of ``config``'s negative pool (the images config's ``negative_pool_of``)."""
     ids = []
-    for shard in report.configs["images"]["splits"]["train"]["shards"]:
+    for shard in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]:
         table = pq.read_table(folder / shard, columns=["image_id", "negative_pool_of"])
         member = [config in pools for pools in table["negative_pool_of"].to_pylist()]
         ids.append(table["image_id"].to_numpy()[np.asarray(member, dtype=bool)])
@@ -318,9 +320,15 @@ def _similarity(kept, pool_ids, mining: dict, tau, sample: int, seed: int) -> Si
     sim.preview_spec = str(tau)
     # The sampled sentences mined again at both taus (from the same float16 copies, so like is compared with like).
     picks = {}
-    for name, cosine in (("build", sim.tau), ("preview", sim.preview)):
-        p = MiningParams(tau=float(cosine), top_k=params.top_k, mode=mode)
-        picks[name] = select_negatives(kept.sentences[chosen], own_rows[chosen], kept.images, pool_rows, p, threads=1)
+    miner_log = logging.getLogger("nemo_hf.mine")
+    level = miner_log.level
+    miner_log.setLevel(logging.WARNING)  # its per-search INFO line is build progress, noise in a report
+    try:
+        for name, cosine in (("build", sim.tau), ("preview", sim.preview)):
+            p = MiningParams(tau=float(cosine), top_k=params.top_k, mode=mode)
+            picks[name] = select_negatives(kept.sentences[chosen], own_rows[chosen], kept.images, pool_rows, p, threads=1)
+    finally:
+        miner_log.setLevel(level)
     kept_share = np.mean(
         [
             len(set(picks["build"].negatives(i)[0]) & set(picks["preview"].negatives(i)[0]))
