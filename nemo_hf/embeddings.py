@@ -3,8 +3,9 @@
 
 ``embeddings/images.parquet`` (``image_id``, ``embedding``) holds every image the build embedded (each mined
 config's pool and its training refs' own images); ``embeddings/<config>.parquet`` (``sent_id``, ``image_id``,
-``embedding``) each training sentence of that config. Vectors are the mining model's L2-normalised embeddings
-stored as float16 (half the size; cosines recomputed from them agree with the build's float32 ones to ~1e-3).
+``embedding``) each training sentence of that config, sorted by ``sent_id``. Vectors are the mining model's
+L2-normalised embeddings in float16 (half the size; cosines recomputed from them agree with the build's float32
+ones to ~1e-3), each stored as its bytes: ``np.frombuffer(cell, "<f2")``.
 One model per build: the manifest's ``embeddings`` entry and each config's mining provenance name it.
 These files are not part of any `datasets` config: the refs rows stay as small as the schema says.
 """
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 DIRECTORY = "embeddings"
 IMAGES_FILE = f"{DIRECTORY}/images.parquet"
 DTYPE = "float16"
+ROW_GROUP = 4096
 
 
 @dataclass
@@ -41,38 +43,46 @@ def sentences_file(config: str) -> str:
     return f"{DIRECTORY}/{config}.parquet"
 
 
-def _vectors(vectors: np.ndarray) -> pa.FixedSizeListArray:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+def _vectors(vectors: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """One ``fixed_size_binary(2 * dim)`` cell per vector: its little-endian float16 bytes. Parquet reads this
+    four times faster than a ``fixed_size_list<halffloat>`` (no repetition levels to decode per value)."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f2")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * vectors.shape[1]), len(vectors), [None, pa.py_buffer(vectors)])
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(exist_ok=True)
+    pq.write_table(table, path, row_group_size=ROW_GROUP)  # small groups: reading a few ids skips the rest
 
 
 def write_images(folder: Path, embedded: dict[int, np.ndarray]) -> str:
     """``embeddings/images.parquet`` from image id -> vector; returns its path in the folder."""
     ids = sorted(embedded)
-    table = pa.table({"image_id": pa.array(ids, pa.int64()), "embedding": _vectors(np.stack([embedded[i] for i in ids]))})
-    (folder / DIRECTORY).mkdir(exist_ok=True)
-    pq.write_table(table, folder / IMAGES_FILE)
+    _write(pa.table({"image_id": pa.array(ids, pa.int64()), "embedding": _vectors(np.stack([embedded[i] for i in ids]))}),
+           folder / IMAGES_FILE)
     return IMAGES_FILE
 
 
 def write_sentences(folder: Path, config: str, embeddings: MiningEmbeddings) -> str:
     """``embeddings/<config>.parquet`` for one config's training sentences; returns its path in the folder."""
+    order = np.argsort(embeddings.sent_ids, kind="stable")
     table = pa.table(
         {
-            "sent_id": pa.array(embeddings.sent_ids, pa.int64()),
-            "image_id": pa.array(embeddings.sent_image_ids, pa.int64()),
-            "embedding": _vectors(embeddings.sentences),
+            "sent_id": pa.array(np.asarray(embeddings.sent_ids, np.int64)[order]),
+            "image_id": pa.array(np.asarray(embeddings.sent_image_ids, np.int64)[order]),
+            "embedding": _vectors(np.asarray(embeddings.sentences)[order]),
         }
     )
-    (folder / DIRECTORY).mkdir(exist_ok=True)
-    pq.write_table(table, folder / sentences_file(config))
+    _write(table, folder / sentences_file(config))
     return sentences_file(config)
 
 
 def _read(path: Path, *columns: str, filters=None) -> tuple[list[np.ndarray], np.ndarray]:
     table = pq.read_table(path, filters=filters)
     vectors = table["embedding"].combine_chunks()
-    matrix = vectors.flatten().to_numpy().astype(np.float32).reshape(len(table), vectors.type.list_size)
+    width = vectors.type.byte_width // 2
+    matrix = np.frombuffer(vectors.buffers()[1], "<f2", count=len(table) * width).reshape(len(table), width)
+    matrix = matrix.astype(np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)  # undo float16 rounding of the norm
     return [table[c].to_numpy() for c in columns], matrix
 
