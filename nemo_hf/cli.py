@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=_non_negative, default=0, help="seed of the synthetic demo source (default 0)")
     b.set_defaults(func=cmd_build)
 
-    st = sub.add_parser("stats", help="the similarity tau bounds and the mined negatives, as text and a PNG plot (choose tau and K)")
+    st = sub.add_parser(
+        "stats", help="the similarity tau bounds and the mined negatives, as text and a PNG plot (choose tau and K)"
+    )
     st.add_argument("folder", help="a folder written by nemo-hf build")
     st.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
     st.add_argument("--split", default="train", help="split (default train: only training sentences have negatives)")
@@ -245,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-o", "--output", help="PNG path (default <config>_negatives.png)")
     st.set_defaults(func=cmd_stats)
 
-    pv = sub.add_parser("preview", help="a grid of mosaics with the mask outlined and the sentence and tile scores under each")
+    pv = sub.add_parser(
+        "preview", help="a grid of mosaics with the mask outlined and the sentence and tile scores under each"
+    )
     pv.add_argument("folder", help="a folder written by nemo-hf build")
     pv.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
     pv.add_argument("--split", default="train", help="split (default train)")
