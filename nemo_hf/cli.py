@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a predictions file on a split: oIoU, mIoU, Prec@X and difficulty breakdowns")
     ev.add_argument("folder", help="a folder written by nemo-hf build")
-    ev.add_argument("--config", default="refcoco_unc")
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    ev.add_argument("--split", default="val", help="split whose expressions are scored (default val)")
     ev.add_argument("--predictions", required=True, help="JSON Lines or Parquet: sent_id + mask RLE at original size")
     ev.add_argument("--strict", action="store_true", help="Prec@X counts IoU > X (CRIS, TAS) instead of >= X")
     ev.add_argument("--empty-iou", type=int, choices=[0, 1], default=0,
