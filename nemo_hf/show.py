@@ -82,6 +82,23 @@ def _image_bytes(folder: Path, report, image_ids: set[int]) -> dict[int, bytes]:
     return found
 
 
+def _same_category(folder: Path, report, shards: list[Path], row: dict) -> tuple[list[dict], str]:
+    """The image's other objects of the row's category: every COCO instance from the images config's
+    ``objects`` column, or (a folder built before it) the other referred objects; and which of the two."""
+    images = [folder / s for s in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]]
+    if "objects" in pq.read_schema(images[0]).names:
+        objects = pa.concat_tables(
+            pq.read_table(s, columns=["objects"], filters=[("image_id", "=", row["image_id"])]) for s in images
+        )["objects"].to_pylist()
+        found = [o for o in (objects[0] if objects else []) if o["category_id"] == row["category_id"]]
+        return [o for o in found if o["ann_id"] != row["ann_id"]], "annotated"
+    same = pa.concat_tables(
+        pq.read_table(s, columns=["ann_id", "category_id", "mask"], filters=[("image_id", "=", row["image_id"])])
+        for s in shards
+    ).to_pylist()
+    return [r for r in same if r["category_id"] == row["category_id"] and r["ann_id"] != row["ann_id"]], "referred"
+
+
 def _decode(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
@@ -157,10 +174,7 @@ def show_ref(
     kept = embeddings.read(folder, config, [row["sentences"][i]["sent_id"] for i in indices]) if mined else None
     pool_ids = _pool(folder, report, config) if show_all and mined else []
 
-    same = pa.concat_tables(
-        pq.read_table(s, columns=["ref_id", "category_id", "mask"], filters=[("image_id", "=", row["image_id"])]) for s in shards
-    ).to_pylist()
-    others = [r for r in same if r["category_id"] == row["category_id"] and r["ref_id"] != row["ref_id"]]
+    others, which = _same_category(folder, report, shards, row)
     candidates = {i: _candidates(row, i, kept, pool_ids, mining, show_all) for i in indices} if mined else {}
     wanted = {row["image_id"]} | {c[0] for cands in candidates.values() for c in cands}
     images = _image_bytes(folder, report, wanted)
@@ -176,7 +190,7 @@ def show_ref(
 
     lines = [
         f"ref {row['ref_id']} | ann {row['ann_id']} | image {row['image_id']} | {row['category']} | split {row['split']}",
-        f"other referred {row['category']} objects in this image: {len(others)}" + (" (outlined in yellow)" if others else ""),
+        f"other {which} {row['category']} objects in this image: {len(others)}" + (" (outlined in yellow)" if others else ""),
     ]
     if mining:
         lines.append(f"mining: {mining['mode']} tau {mining['tau']} = {float(mining['tau_cosine']):.4f}, top_k {mining['top_k']}")

@@ -170,6 +170,11 @@ def test_show_draws_each_negative_with_its_scores(folder, tmp_path, capsys):
         top, left = (inner.shape[0] - h) // 2, (inner.shape[1] - w) // 2
         assert np.abs(inner[top : top + h, left : left + w].astype(int) - expected).mean() < 2
     assert f"{row['sentences'][0]['sent_id']}: \u201c{row['sentences'][0]['sent']}\u201d" in text
+    report = BuildReport.read(folder)
+    images = pq.read_table(folder / report.configs["images"]["splits"]["train"]["shards"][0]).to_pylist()
+    objects = next(image["objects"] for image in images if image["image_id"] == row["image_id"])
+    same = [o for o in objects if o["category_id"] == row["category_id"] and o["ann_id"] != row["ann_id"]]
+    assert f"other annotated {row['category']} objects in this image: {len(same)}" in text
 
 
 def test_show_all_marks_the_candidates_tau_dropped(folder, tmp_path):
