@@ -263,3 +263,4 @@ def test_push_carries_the_embeddings_and_drops_stale_ones(folder):
     for name in ("embeddings/images.parquet", "embeddings/refcoco_unc.parquet"):
         assert added[name] == str(folder / name)
     assert {op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete)} == {"embeddings/refcocog_umd.parquet"}
+    assert b"`embeddings/` holds the mining model's" in added["README.md"]  # the card says what they are
