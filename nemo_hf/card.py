@@ -23,7 +23,9 @@ def card_yaml(report) -> str:
     for name, entry in report.configs.items():
         splits = entry["splits"]
         configs[name] = {
-            "data_files": [{"split": split, "path": f"data/{name}/{split}-*.parquet"} for split in splits],
+            # the shards by name, content hash included: `datasets` keys its cache for a local folder on
+            # this YAML, so a rebuild that changes any shard is never read back from a stale cache
+            "data_files": [{"split": split, "path": v["shards"]} for split, v in splits.items()],
             **({"default": True} if name == report.default_config else {}),
         }
         infos[name] = DatasetInfo(

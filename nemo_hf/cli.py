@@ -171,7 +171,8 @@ def cmd_show(args) -> int:
 def cmd_push(args) -> int:
     from .hub import push_folder
 
-    url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private, include_images=not args.no_images)
+    url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private, include_images=not args.no_images,
+                      delete_remote_images=args.delete_remote_images)
     print(f"pushed {args.folder} to {args.repo_id} in one commit: {url}")
     return 0
 
@@ -212,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--split-by", action="append", help="unc | umd | google (default: unc, umd for refcocog)")
     b.add_argument("--image-dir", help="COCO train2014 folder (default <source>/images/mscoco/images/train2014)")
-    b.add_argument("--out", required=True, help="output folder (replaced atomically if it exists)")
+    b.add_argument("--out", required=True, help="output folder; an existing one is replaced atomically only if it is an "
+                   "earlier nemo-hf build (nemo_hf.json and build files, nothing else), anything else is refused; "
+                   "it may not overlap --source")
     b.add_argument(
         "--model",
         help="mining model id or local path (default openai/clip-vit-base-patch32 with --source; the demo uses "
@@ -290,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="USER/NAME")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--token", help="default: HF_TOKEN or the cached login")
-    p.add_argument("--no-images", action="store_true", help="push the refs configs only")
+    p.add_argument("--no-images", action="store_true", help="push the refs configs only (image shards already on the Hub stay)")
+    p.add_argument("--delete-remote-images", action="store_true", help="with --no-images: delete the image shards already on the Hub")
     p.set_defaults(func=cmd_push)
     return parser
 

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
 from nemo_hf import __version__, progress
+from nemo_hf.pixels import to_8bit
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
@@ -150,7 +152,7 @@ class _ImageFiles(Dataset):
         where = "<encoded bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
-                rgb = image.convert("RGB")  # stored pixel order: EXIF orientation is not applied
+                rgb = to_8bit(image)  # stored pixel order: EXIF orientation is not applied
         except (OSError, ValueError, SyntaxError) as err:
             raise ValueError(f"image {image_id}: cannot decode {where}: {err}") from err
         pixels = self.image_processor(images=rgb, return_tensors="np")["pixel_values"][0]

@@ -1,15 +1,23 @@
 """Writing a hub-ready folder: Parquet shards per config and split, a manifest and a dataset card.
 
 The folder is written beside its destination and swapped into place at the end, so an interrupted
-build never looks finished and never damages an earlier build at the same path.
+build never looks finished and never damages an earlier build at the same path. An existing
+destination is replaced only when it is an earlier build (a manifest and nothing but the files a
+build writes): nemo_hf never deletes what it did not write. A lock file beside the destination keeps
+two builds from writing it at once, and the next build cleans up after an interrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__, embeddings, progress
+from .card import PREVIEW_FILE
 from .refer import ReferFormatError
 from .schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
 from .source import open_source
@@ -26,6 +35,17 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "nemo_hf.json"
 MAX_SHARD_SIZE = "500MB"  # the Hub's own choice for push_to_hub: the dataset viewer reads such shards well
+# data/<config>/<split>-00000-of-00001-<content hash>.parquet: the card lists the shards by name, and the
+# `datasets` cache keys a local folder on its card, so the hash makes every changed build new to it
+# (builds of nemo_hf 0.1.0 before the hash are earlier builds too)
+SHARD_NAME = re.compile(r"data/[a-z0-9_]+/[A-Za-z0-9_]+-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.parquet")
+EMBEDDINGS_NAME = re.compile(rf"{embeddings.DIRECTORY}/[a-z0-9_]+\.parquet")  # images.parquet, <config>.parquet
+BUILD_FILES = (MANIFEST, "README.md", PREVIEW_FILE)
+
+
+class OutFolderError(ValueError):
+    """``--out`` cannot be written: it is not an earlier nemo_hf build, it overlaps the source, or
+    another build is writing it. Nothing was changed."""
 
 
 @dataclass
@@ -100,61 +120,164 @@ def build_folder(
 ) -> Path:
     """Build ``configs`` (plus ``images``) from a refer source into ``out_dir``; returns ``out_dir``.
 
-    ``mining=None`` leaves the negative columns empty.
+    ``mining=None`` leaves the negative columns empty. An existing ``out_dir`` is replaced only if it
+    is an earlier build (else `OutFolderError`, and nothing is touched).
     """
     with progress.build_stages():
         return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size)
 
 
 def _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size) -> Path:
-    from nemo_hf_builders.nemo_refcoco import NemoRefcoco
-
     out_dir = Path(out_dir).expanduser().resolve()
     source = open_source(source_root, image_dir)
+    _check_no_overlap(out_dir, source)
     configs = resolve_configs(source.root, list(configs))
     for config in configs:
         source.require(config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    try:
-        report = BuildReport(
-            nemo_hf_version=__version__,
-            source=str(source.root),
-            default_config=DEFAULT_CONFIG if DEFAULT_CONFIG in configs else configs[0],
-            eval_images_excluded_from_pools=len(source.eval_image_ids),
-        )
-        common = {"source": str(source.root), "image_dir": str(source.image_dir), "cache_dir": str(partial / ".cache")}
-        mining_fields = {"mine": False} if mining is None else {"mine": True, **asdict(mining)}
-        embedded_images: dict = {}
-        for config in configs:
-            logger.info("building %s from %s", config, source.root)
-            builder = NemoRefcoco(config_name=config, **common, **mining_fields)
-            entry = _prepare(builder, partial, config, max_shard_size)
-            entry["mining"] = builder.provenance
-            entry["skipped"] = {split: refs for split, refs in builder.skipped.items() if refs}
-            if builder.provenance:
-                _stamp_provenance(partial, entry, builder.provenance)
-            if builder.embeddings is not None:
-                _keep_embeddings(partial, report, config, builder, embedded_images)
-            report.configs[config] = entry
-        if embedded_images:
-            report.embeddings["images"] = embeddings.write_images(partial, embedded_images)
-        logger.info("building %s (the images of %s)", IMAGES_CONFIG, ", ".join(configs))
-        builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
-        report.configs[IMAGES_CONFIG] = _prepare(builder, partial, IMAGES_CONFIG, max_shard_size)
-        _write_preview(partial, report.default_config)
-        for scratch in (".cache", ".staging"):
-            shutil.rmtree(partial / scratch, ignore_errors=True)
-        report.write(partial)
-        from .card import write_card
-
-        write_card(partial, report)
-        _swap_into_place(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with _locked(out_dir):
+        _clean_up_after_interrupted_builds(out_dir)
+        _check_replaceable(out_dir)
+        partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+        partial.mkdir()
+        try:
+            _build_into(partial, source, configs, mining, max_shard_size)
+            _swap_into_place(partial, out_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return out_dir
+
+
+def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions | None, max_shard_size) -> None:
+    from nemo_hf_builders.nemo_refcoco import NemoRefcoco
+
+    report = BuildReport(
+        nemo_hf_version=__version__,
+        source=str(source.root),
+        default_config=DEFAULT_CONFIG if DEFAULT_CONFIG in configs else configs[0],
+        eval_images_excluded_from_pools=len(source.eval_image_ids),
+    )
+    common = {"source": str(source.root), "image_dir": str(source.image_dir), "cache_dir": str(partial / ".cache")}
+    mining_fields = {"mine": False} if mining is None else {"mine": True, **asdict(mining)}
+    embedded_images: dict = {}
+    for config in configs:
+        logger.info("building %s from %s", config, source.root)
+        builder = NemoRefcoco(config_name=config, **common, **mining_fields)
+        entry = _prepare(builder, partial, config, max_shard_size)
+        entry["mining"] = builder.provenance
+        entry["skipped"] = {split: refs for split, refs in builder.skipped.items() if refs}
+        if builder.provenance:
+            _stamp_provenance(partial, entry, builder.provenance)
+        if builder.embeddings is not None:
+            _keep_embeddings(partial, report, config, builder, embedded_images)
+        _name_by_content(partial, entry)
+        report.configs[config] = entry
+    if embedded_images:
+        report.embeddings["images"] = embeddings.write_images(partial, embedded_images)
+    logger.info("building %s (the images of %s)", IMAGES_CONFIG, ", ".join(configs))
+    builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
+    report.configs[IMAGES_CONFIG] = _name_by_content(partial, _prepare(builder, partial, IMAGES_CONFIG, max_shard_size))
+    _write_preview(partial, report.default_config)
+    for scratch in (".cache", ".staging"):
+        shutil.rmtree(partial / scratch, ignore_errors=True)
+    report.write(partial)
+    from .card import write_card
+
+    write_card(partial, report)
+
+
+def _check_no_overlap(out_dir: Path, source) -> None:
+    """``--out`` may not be, hold or lie inside the source or its image folder: a build never writes
+    into, or replaces, what it reads."""
+    for option, path in (("--source", source.root), ("--image-dir", source.image_dir)):
+        path = Path(path).resolve()
+        if out_dir == path or out_dir.is_relative_to(path) or path.is_relative_to(out_dir):
+            raise OutFolderError(
+                f"--out {out_dir} overlaps {option} {path}: choose an output folder outside the source"
+            )
+
+
+def _not_a_build(folder: Path, need_manifest: bool = True) -> str | None:
+    """Why ``folder`` is not an earlier nemo_hf build (None if it is, or is empty): every entry must be
+    a file a build writes, and the manifest must be one nemo_hf wrote."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "it is not a folder"
+    for entry in sorted(folder.rglob("*")):
+        name = entry.relative_to(folder).as_posix()
+        mode = entry.lstat().st_mode
+        if stat.S_ISDIR(mode) and (name in ("data", embeddings.DIRECTORY) or re.fullmatch(r"data/[a-z0-9_]+", name)):
+            continue
+        if stat.S_ISREG(mode) and (name in BUILD_FILES or SHARD_NAME.fullmatch(name) or EMBEDDINGS_NAME.fullmatch(name)):
+            continue
+        return f"it holds {name}, which no build writes"
+    if not need_manifest or not any(folder.iterdir()):
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {MANIFEST} manifest"
+    if not (isinstance(manifest, dict) and "nemo_hf_version" in manifest and isinstance(manifest.get("configs"), dict)):
+        return f"its {MANIFEST} was not written by nemo_hf"
+    return None
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        reason = _not_a_build(out_dir)
+        if reason:
+            raise OutFolderError(
+                f"--out {out_dir} exists and is not an earlier nemo-hf build ({reason}); a build replaces only "
+                "a folder it wrote itself. Choose another --out, or move that folder away yourself"
+            )
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path):
+    """Hold ``.<out>.lock`` beside ``out_dir`` (flock, released if the process dies) for the whole build."""
+    path = out_dir.parent / f".{out_dir.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutFolderError(
+                f"--out {out_dir} is being written by another nemo-hf build (it holds {path}); "
+                "wait for that build to finish, or choose another --out"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else the last holder removed the file after we opened it: lock the new one
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _clean_up_after_interrupted_builds(out_dir: Path) -> None:
+    """Remove the partial folders an interrupted build of ``out_dir`` left beside it, and put back an
+    earlier build that an interrupted swap had moved aside (the lock says no build is running)."""
+    ours = re.compile(re.escape(f".{out_dir.name}.") + r"(partial|old)-[0-9a-f]{8}")
+    for leftover in sorted(out_dir.parent.iterdir()):
+        match = ours.fullmatch(leftover.name)
+        if match is None:
+            continue
+        if match[1] == "partial":
+            shutil.rmtree(leftover)
+            logger.warning("removed %s, the unfinished folder of an interrupted build", leftover)
+        elif not out_dir.exists() and _not_a_build(leftover) is None:
+            leftover.rename(out_dir)
+            logger.warning("put back %s: an interrupted build had moved this earlier build aside", out_dir)
+        elif _not_a_build(leftover, need_manifest=False) is None:
+            shutil.rmtree(leftover)
+            logger.warning("removed %s, an earlier build already replaced by %s", leftover, out_dir)
+        else:
+            logger.warning("left %s alone: it holds files no build writes", leftover)
 
 
 def _prepare(builder, partial: Path, config: str, max_shard_size) -> dict:
@@ -220,7 +343,6 @@ def _write_preview(folder: Path, config: str, n: int = 8) -> None:
     """A grid of mosaics for the card (and the Hub page): a person can see at once that masks land right."""
     from datasets import Dataset
 
-    from .card import PREVIEW_FILE
     from .preview import render_preview
 
     def read(name: str, split: str) -> Dataset:
@@ -230,8 +352,26 @@ def _write_preview(folder: Path, config: str, n: int = 8) -> None:
     render_preview(read(config, "train"), read(IMAGES_CONFIG, "train"), n=n, config=config).save(folder / PREVIEW_FILE)
 
 
+def _name_by_content(folder: Path, entry: dict) -> dict:
+    """Append each shard's content hash to its name (see ``SHARD_NAME``); returns ``entry``."""
+    for split in entry["splits"].values():
+        named = []
+        for shard in split["shards"]:
+            path = folder / shard
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+            path = path.rename(path.with_name(f"{path.stem}-{digest.hexdigest()[:16]}.parquet"))
+            named.append(path.relative_to(folder).as_posix())
+        split["shards"] = named
+    return entry
+
+
 def _swap_into_place(partial: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an older build is moved aside first and removed after."""
+    """Rename the finished folder into place; an older build is moved aside first and removed after
+    (checked again just before: nothing added to it meanwhile is ever deleted)."""
+    _check_replaceable(out_dir)
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"

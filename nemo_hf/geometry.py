@@ -158,11 +158,15 @@ def rle_runs(counts: str | bytes | Sequence[int]) -> np.ndarray:
     chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
     if chars.size == 0:
         return np.zeros(0, dtype=np.int64)
+    if chars.min() < 0 or chars.max() > 63:
+        raise ValueError("RLE counts string has a character outside '0'..'o'")
     ends = np.flatnonzero((chars & 0x20) == 0)
     if ends.size == 0 or ends[-1] != chars.size - 1:
         raise ValueError("truncated RLE counts string")
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
+    if lengths.max() > 12:  # 60 bits: more would overflow pycocotools' (and this) 64-bit arithmetic
+        raise ValueError("RLE counts string holds a number of more than 12 characters")
     shift = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
     values = np.add.reduceat((chars & 0x1F) << shift, starts)
     values = np.where((chars[ends] & 0x10) != 0, values - (1 << (5 * lengths)), values)

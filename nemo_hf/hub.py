@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,7 +28,8 @@ class PushError(ValueError):
 
 
 def check_folder(folder: str | os.PathLike) -> BuildReport:
-    """The folder's manifest, after checking that every shard it lists is there with its row count."""
+    """The folder's manifest, after checking that it lists at least one config, that every shard it lists
+    is there with its row count, and that each file to upload is a regular file really inside the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder}: no such folder")
@@ -35,19 +37,40 @@ def check_folder(folder: str | os.PathLike) -> BuildReport:
         report = BuildReport.read(folder)
     except FileNotFoundError as err:
         raise PushError(f"{err} (an interrupted build leaves no manifest)") from None
+    except (ValueError, TypeError) as err:
+        raise PushError(f"{folder}/{MANIFEST}: not a manifest written by nemo-hf build ({err})") from None
     if not (folder / "README.md").is_file():
         raise PushError(f"{folder}: no README.md dataset card; rebuild the folder")
+    if not isinstance(report.configs, dict) or not report.configs:
+        raise PushError(f"{folder}/{MANIFEST} lists no config; rebuild the folder")
     for config, entry in report.configs.items():
-        for split, info in entry["splits"].items():
+        splits = entry.get("splits") if isinstance(entry, dict) else None
+        if not isinstance(splits, dict) or not splits or not all(isinstance(i, dict) and i.get("shards") for i in splits.values()):
+            raise PushError(f"{folder}: config {config} lists no shards in {MANIFEST}; rebuild the folder")
+        for split, info in splits.items():
             rows = 0
             for shard in info["shards"]:
-                path = folder / shard
-                if not path.is_file():
+                path = folder / shard if isinstance(shard, str) else None
+                if path is None or not (path.is_file() or path.is_symlink()):
                     raise PushError(f"{folder}: {config}/{split} shard {shard} is missing; the card and the data disagree")
-                rows += pq.read_metadata(path).num_rows
-            if rows != info["rows"]:
-                raise PushError(f"{folder}: {config}/{split} has {rows} rows in its shards, the card says {info['rows']}")
+                rows += pq.read_metadata(_inside(folder, shard)).num_rows
+            if rows != info.get("rows"):
+                raise PushError(f"{folder}: {config}/{split} has {rows} rows in its shards, the card says {info.get('rows')}")
+    if (folder / PREVIEW_FILE).exists() or (folder / PREVIEW_FILE).is_symlink():
+        _inside(folder, PREVIEW_FILE)
     return report
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name`` if it is a regular file whose real path is that very path (no symlink anywhere,
+    no ``..``, not absolute); else a PushError: push uploads nothing from outside the folder."""
+    root = Path(os.path.realpath(folder))
+    path = root / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or Path(os.path.realpath(path)) != path:
+        raise PushError(f"{folder}: {name} is not a file inside the folder (a symlink, an absolute or a '..' path); refusing to push")
+    if not stat.S_ISREG(path.lstat().st_mode):
+        raise PushError(f"{folder}: {name} is not a regular file; refusing to push")
+    return path
 
 
 def push_folder(
@@ -57,12 +80,15 @@ def push_folder(
     token: str | None = None,
     private: bool = False,
     include_images: bool = True,
+    delete_remote_images: bool = False,
     api: HfApi | None = None,
     commit_message: str = "Upload NeMo RefCOCO dataset (nemo_hf)",
 ) -> str:
     """Upload ``folder`` to the dataset repo ``repo_id`` in one commit; returns the commit URL.
 
-    ``include_images=False`` pushes the refs configs alone (users bring their own COCO copy).
+    ``include_images=False`` pushes the refs configs alone (users bring their own COCO copy); image
+    shards already in the repo stay there unless ``delete_remote_images``. Every check runs before the
+    first call to the Hub; a network failure is a PushError in one line.
     """
     folder = Path(folder)
     if not REPO_ID.match(repo_id or "") or "--" in repo_id or ".." in repo_id:
@@ -73,19 +99,30 @@ def push_folder(
     report = check_folder(folder)
     if not include_images:
         report = dataclasses.replace(report, configs={k: v for k, v in report.configs.items() if k != IMAGES_CONFIG})
+        if not report.configs:
+            raise PushError(f"{folder}: holds no refs config, so --no-images would push nothing")
 
     files = [MANIFEST] + [s for entry in report.configs.values() for split in entry["splits"].values() for s in split["shards"]]
     files += [f for f in report.embedding_files if (folder / f).is_file()]
-    if (folder / PREVIEW_FILE).is_file():
+    preview = (folder / PREVIEW_FILE).is_file()
+    if preview:
         files.append(PREVIEW_FILE)
-    card = render_card(report, repo=repo_id, preview=(folder / PREVIEW_FILE).is_file()).encode()
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    card = render_card(report, repo=repo_id, preview=preview).encode()
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(_inside(folder, f))) for f in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
 
     api = api or HfApi()
-    repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
-    pushed = set(files)
-    stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", token=token) if f.startswith(("data/", "embeddings/")) and f not in pushed]
-    operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-    commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="dataset", token=token)
+    try:
+        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
+        pushed = set(files)
+        kept_images = include_images or delete_remote_images
+        stale = [
+            f for f in api.list_repo_files(repo_id, repo_type="dataset", token=token)
+            if f.startswith(("data/", "embeddings/")) and f not in pushed and (kept_images or not f.startswith(f"data/{IMAGES_CONFIG}/"))
+        ]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="dataset", token=token)
+    except Exception as err:  # offline, refused, rate-limited: huggingface_hub and httpx raise many types
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise PushError(f"pushing to {repo_id} failed ({type(err).__name__}: {first_line}); nothing was committed") from err
     return getattr(commit, "commit_url", None) or str(repo_url)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import schema
 from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
+from .pixels import to_8bit
 from .refer import encode_rle
 
 MODES = ("single", "random", "retrieval")
@@ -117,7 +118,7 @@ class EncodedImage:
         image = self._pil
         if image.format == "JPEG":
             image.draft("RGB", min_size)
-        return np.array(image.convert(layout))
+        return np.array(to_8bit(image, layout))  # a 16-bit PNG scaled, not clipped to white
 
 
 class _BinaryCells:
@@ -262,10 +263,15 @@ def _normalised(p: Mapping[str, float]) -> dict[str, float]:
     unknown = set(p) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)} in p; expected keys among {MODES}")
-    if any(v < 0 for v in p.values()) or sum(p.values()) <= 0:
-        raise ValueError(f"mode probabilities must be non-negative and not all zero, got {dict(p)}")
+    numbers = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in p.values())
+    if not numbers or not all(math.isfinite(v) and v >= 0 for v in p.values()) or sum(p.values()) <= 0:
+        raise ValueError(f"mode probabilities must be finite, non-negative and not all zero, got {dict(p)}")
     total = sum(p.values())
     return {mode: p.get(mode, 0.0) / total for mode in MODES}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _draw_mode(rng: np.random.Generator, p: Mapping[str, float]) -> str:
@@ -305,6 +311,8 @@ class _Renderer:
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"unknown resample {resample!r}; expected one of {RESAMPLE_MODES}")
         self.images = images if isinstance(images, ImageTable) else ImageTable(images, pool=pool, config=config)
+        if not _is_int(output_size):
+            raise ValueError(f"output_size must be an integer number of pixels, got {output_size!r}")
         self.output_size = int(output_size)
         grid_cells(self.output_size)  # validates the size
         self.tile = tile
@@ -490,6 +498,8 @@ class NeMoMosaic(_Renderer):
             raise ValueError(f"schedule.p_random must be in [0, 1], got {schedule.p_random}")
         self.schedule = schedule
         self.spatial_words = spatial_words
+        if not _is_int(seed) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
         self.sentence_key = sentence_key
         self.epoch = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .geometry import rle_runs
 from .schema import RefsConfig
 
 COCO_IMAGE_SUBDIR = Path("images/mscoco/images/train2014")
@@ -50,18 +51,67 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
-def _as_text(value):
+MAX_NESTING = 16  # a refs file nests 5 levels deep (list > ref > sentences > sentence > tokens)
+MAX_SIDE = 32768  # per image side: more than any photo dataset holds, little enough for pycocotools
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _text(value: bytes) -> str:
     """Python 2 ``str`` arrives as bytes: UTF-8 where it decodes, Latin-1 otherwise (never fails)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value.decode("latin-1")
-    if isinstance(value, dict):
-        return {_as_text(k): _as_text(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_text(v) for v in value]
-    return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _plain_tree(data, path: Path, budget: int):
+    """``data`` with byte strings as text and tuples and sets as lists, refused once the walk has visited
+    ``budget`` objects or gone deeper than ``MAX_NESTING`` levels.
+
+    A pickle can refer to one list again and again through its memo: a few hundred bytes that expand
+    to 10^9 objects when walked. An honest file holds a tree, which costs at least a byte of pickle per
+    object, so a budget proportional to the file's size refuses such a file after as much work as an
+    honest file of its size would take, and a list that contains itself hits the depth limit.
+    """
+    left = budget
+
+    def walk(obj, depth: int):
+        nonlocal left
+        if depth >= MAX_NESTING:
+            raise ReferFormatError(f"{path}: refused: nested deeper than {MAX_NESTING} levels; a refs file is a list of ref dicts")
+        left -= len(obj)
+        if left < 0:
+            raise ReferFormatError(
+                f"{path}: refused: its shared references expand to more than {budget:,} objects "
+                "(a refs file is a plain tree of lists and dicts)"
+            )
+        if isinstance(obj, dict):
+            converted = {}
+            for k, v in obj.items():
+                if type(k) is bytes:
+                    k = _text(k)
+                elif type(k) is not str and type(k) is not int:
+                    raise ReferFormatError(f"{path}: a dict key is a {type(k).__name__} ({k!r}); refs files use string keys")
+                if type(v) is bytes:
+                    v = _text(v)
+                elif isinstance(v, _CONTAINERS):
+                    v = walk(v, depth + 1)
+                converted[k] = v
+            return converted
+        converted = []
+        for v in obj:
+            if type(v) is bytes:
+                v = _text(v)
+            elif isinstance(v, _CONTAINERS):
+                v = walk(v, depth + 1)
+            converted.append(v)
+        return converted
+
+    if isinstance(data, _CONTAINERS):
+        return walk(data, 0)
+    return _text(data) if type(data) is bytes else data
 
 
 def load_refs(path: str | Path) -> list[dict]:
@@ -69,22 +119,35 @@ def load_refs(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ReferFormatError(f"{path}: refs file not found")
+    raw = path.read_bytes()
     try:
-        data = _PlainDataUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = _PlainDataUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except pickle.UnpicklingError as err:
         raise ReferFormatError(
             f"{path}: refused to load: {err}; a refs file holds only plain lists, dicts, strings and numbers"
         ) from None
     except Exception as err:  # truncated or not a pickle at all
         raise ReferFormatError(f"{path}: not a readable refs pickle ({type(err).__name__}: {err})") from None
-    refs = _as_text(data)
+    # a tree costs at least one pickle opcode byte per object; the slack admits a little honest sharing
+    refs = _plain_tree(data, path, budget=2 * len(raw) + 10_000)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise ReferFormatError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
+    if not refs:
+        raise ReferFormatError(f"{path}: holds no refs")
     required = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
+    first_index: dict[int, int] = {}
     for i, ref in enumerate(refs):
+        where = f"{path}: ref #{i} (ref_id {ref.get('ref_id')!r})"
         missing = [k for k in required if k not in ref]
         if missing:
-            raise ReferFormatError(f"{path}: ref #{i} (ref_id {ref.get('ref_id')}) lacks {', '.join(missing)}")
+            raise ReferFormatError(f"{where} lacks {', '.join(missing)}")
+        for key in ("ref_id", "ann_id", "image_id", "category_id"):
+            _int_field(ref, key, where)
+        if not isinstance(ref["split"], str):
+            raise ReferFormatError(f"{where}: split {ref['split']!r} is not a string")
+        if ref["ref_id"] in first_index:
+            raise ReferFormatError(f"{where}: ref_id {ref['ref_id']} appears twice (first as ref #{first_index[ref['ref_id']]})")
+        first_index[ref["ref_id"]] = i
     return refs
 
 
@@ -109,42 +172,163 @@ class Instances:
 
 
 def load_instances(path: str | Path) -> Instances:
+    """``instances.json`` with every id, size and name checked, so nothing odd reaches C code later."""
     path = Path(path)
     if not path.is_file():
         raise ReferFormatError(f"{path}: instances file not found")
     try:
         data = json.loads(path.read_bytes())
-        return Instances(
-            path=path,
-            images={int(im["id"]): im for im in data["images"]},
-            annotations={int(a["id"]): a for a in data["annotations"]},
-            categories={int(c["id"]): c["name"] for c in data["categories"]},
-            supercategories={int(c["id"]): str(c.get("supercategory", "")) for c in data["categories"]},
-        )
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, RecursionError) as err:
         raise ReferFormatError(f"{path}: not a COCO instances file ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+        raise ReferFormatError(f"{path}: not a COCO instances file (expected lists images, annotations, categories)")
+    images, annotations, categories, supercategories = {}, {}, {}, {}
+    for im in data["images"]:
+        where = f"{path}: image {im.get('id')!r}" if isinstance(im, dict) else f"{path}: image entry {im!r}"
+        image_id = _entry_id(im, images, where)
+        if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            raise ReferFormatError(f"{where}: file_name {im.get('file_name')!r} is not a file name")
+        check_image_size(im.get("height"), im.get("width"), where)
+        if not _is_int(im.get("license", 0)):
+            raise ReferFormatError(f"{where}: license {im['license']!r} is not an integer")
+        images[image_id] = im
+    for ann in data["annotations"]:
+        where = f"{path}: annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"{path}: annotation entry {ann!r}"
+        ann_id = _entry_id(ann, annotations, where)
+        _int_field(ann, "image_id", where)
+        annotations[ann_id] = ann
+    for cat in data["categories"]:
+        where = f"{path}: category {cat.get('id')!r}" if isinstance(cat, dict) else f"{path}: category entry {cat!r}"
+        cat_id = _entry_id(cat, categories, where)
+        if not isinstance(cat.get("name"), str):
+            raise ReferFormatError(f"{where}: name {cat.get('name')!r} is not a string")
+        categories[cat_id] = cat["name"]
+        supercategories[cat_id] = str(cat.get("supercategory", ""))
+    return Instances(path=path, images=images, annotations=annotations, categories=categories, supercategories=supercategories)
 
 
-def segmentation_to_rle(segmentation, height: int, width: int, where: str) -> dict:
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _int_field(entry: dict, key: str, where: str) -> int:
+    """``entry[key]`` as an int; a float, a string or a missing value is an error (never truncated)."""
+    if key not in entry:
+        raise ReferFormatError(f"{where}: lacks {key}")
+    if not _is_int(entry[key]):
+        raise ReferFormatError(f"{where}: {key} {entry[key]!r} is not an integer")
+    return int(entry[key])
+
+
+def _entry_id(entry, seen: dict, where: str) -> int:
+    if not isinstance(entry, dict):
+        raise ReferFormatError(f"{where}: not an object")
+    entry_id = _int_field(entry, "id", where)
+    if entry_id in seen:
+        raise ReferFormatError(f"{where}: id {entry_id} appears twice")
+    return entry_id
+
+
+def check_image_size(height, width, where: str) -> tuple[int, int]:
+    """(height, width) as ints in 1..MAX_SIDE, else an error naming ``where`` (pycocotools hangs on 0)."""
+    for name, value in (("width", width), ("height", height)):
+        if not _is_int(value) or not 1 <= value <= MAX_SIDE:
+            raise ReferFormatError(f"{where}: {name} {value!r} is not an integer in 1..{MAX_SIDE}")
+    return int(height), int(width)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_bbox(bbox, where: str) -> list[float]:
+    """[x, y, w, h]: four finite numbers, sizes not negative."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise ReferFormatError(f"{where}: bbox {bbox!r} is not 4 numbers [x, y, w, h]")
+    box = [float(v) for v in bbox]
+    if not all(np.isfinite(box)) or box[2] < 0 or box[3] < 0:
+        raise ReferFormatError(f"{where}: bbox {bbox!r} is not 4 finite numbers with w, h >= 0")
+    return box
+
+
+def _polygons(segmentation: list, height: int, width: int, where: str) -> list[list[float]]:
+    """Polygons as float lists, each of at least 3 points, every coordinate finite and within one image
+    size of the image (pycocotools rasterises every edge point by point: a far coordinate crashes it)."""
+    if not segmentation:
+        raise ReferFormatError(f"{where}: empty segmentation")
+    parts = []
+    for part in segmentation:
+        try:
+            coords = np.asarray(part) if isinstance(part, (list, tuple)) else None
+        except (ValueError, TypeError):  # ragged nesting
+            coords = None
+        if coords is None or coords.ndim != 1 or (coords.size and coords.dtype.kind not in "iuf"):
+            raise ReferFormatError(f"{where}: polygon {str(part)[:80]} is not a list of numbers")
+        if len(part) < 6 or len(part) % 2:
+            raise ReferFormatError(
+                f"{where}: polygon with {len(part) / 2:g} points; a polygon needs at least 3 (x, y) pairs"
+            )
+        coords = coords.astype(np.float64)
+        points = coords.reshape(-1, 2)
+        (x0, y0), (x1, y1) = points.min(axis=0).tolist(), points.max(axis=0).tolist()  # NaN, inf propagate
+        if not all(map(np.isfinite, (x0, y0, x1, y1))):
+            raise ReferFormatError(f"{where}: polygon has a coordinate that is not finite")
+        if x0 < -width or x1 > 2 * width or y0 < -height or y1 > 2 * height:
+            raise ReferFormatError(
+                f"{where}: polygon reaches ({x1:g}, {y1:g}) / ({x0:g}, {y0:g}), far outside the {width}x{height} image"
+            )
+        parts.append(coords.tolist())
+    return parts
+
+
+def check_rle(rle, height: int, width: int, where: str) -> dict:
+    """A COCO RLE (uncompressed counts list or compressed string) checked for pycocotools: ``size`` equal
+    to the image's [h, w], counts that parse, are not negative and sum to h*w. Returns it compressed."""
+    size, counts = (rle.get("size"), rle.get("counts")) if isinstance(rle, dict) else (None, None)
+    if not isinstance(size, (list, tuple)) or [v if _is_int(v) else None for v in size] != [height, width]:
+        raise ReferFormatError(f"{where}: RLE size {size!r} is not the image's [h, w] = [{height}, {width}]")
+    if isinstance(counts, (list, tuple)):
+        if not all(_is_int(c) and 0 <= c <= height * width for c in counts):
+            raise ReferFormatError(f"{where}: RLE counts must be integers in 0..h*w")
+        runs = np.asarray(counts, dtype=np.int64)
+        compressed = None
+    elif isinstance(counts, (str, bytes)):
+        try:
+            compressed = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+            runs = rle_runs(compressed)
+        except ValueError as err:  # UnicodeEncodeError included
+            raise ReferFormatError(f"{where}: malformed compressed RLE counts ({err})") from None
+        if (runs < 0).any():
+            raise ReferFormatError(f"{where}: malformed compressed RLE counts (a negative run)")
+    else:
+        raise ReferFormatError(f"{where}: RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}")
+    if int(runs.sum()) != height * width:
+        raise ReferFormatError(f"{where}: RLE counts sum to {int(runs.sum())}, the image has h*w = {height * width} pixels")
+    if compressed is None:
+        return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in runs]}, height, width)
+    return {"size": [height, width], "counts": compressed}
+
+
+def segmentation_to_rle(segmentation, height: int, width: int, where: str, *, allow_empty: bool = False) -> dict:
     """The binarized union of an annotation's polygons (or its RLE) as compressed COCO RLE.
 
     The refer toolkit sums the decoded polygon masks, so overlapping parts exceed 1; the union
-    (``merge``) is that sum binarized, computed without decoding to pixels.
+    (``merge``) is that sum binarized, computed without decoding to pixels. Every number is checked
+    before pycocotools sees it, and an empty mask is an error unless ``allow_empty``: ``where`` names the
+    annotation (and ref).
     """
+    height, width = check_image_size(height, width, where)
     if isinstance(segmentation, dict):  # iscrowd-style RLE; RefCOCO itself has none
-        rles = [mask_utils.frPyObjects(segmentation, height, width)]
+        rles = [check_rle(segmentation, height, width, where)]
+    elif isinstance(segmentation, (list, tuple)):
+        # (frPyObjects would read a 4-number list as a box: _polygons keeps that out.)
+        rles = mask_utils.frPyObjects(_polygons(segmentation, height, width, where), height, width)
     else:
-        if not segmentation:
-            raise ReferFormatError(f"{where}: empty segmentation")
-        for part in segmentation:
-            if len(part) < 6 or len(part) % 2:
-                raise ReferFormatError(
-                    f"{where}: polygon with {len(part) / 2:g} points; a polygon needs at least 3 (x, y) pairs"
-                )
-        # (frPyObjects would read a 4-number list as a box: the check above keeps that out.)
-        rles = mask_utils.frPyObjects([[float(v) for v in part] for part in segmentation], height, width)
+        raise ReferFormatError(f"{where}: segmentation is a {type(segmentation).__name__}; expected polygons or an RLE")
     rle = mask_utils.merge(rles, intersect=False)
-    return {"size": [int(height), int(width)], "counts": rle["counts"].decode("ascii")}
+    if not allow_empty and mask_utils.area(rle) == 0:
+        raise ReferFormatError(f"{where}: the mask is empty (the segmentation lies outside the {width}x{height} image or has no area)")
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
 def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
@@ -164,17 +348,18 @@ def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
         image = instances.images[int(image_id)]
         where = f"{instances.path}: annotation {ann_id} (image {image_id})"
         try:
-            category_id = int(ann["category_id"])
+            category_id = _int_field(ann, "category_id", where)
             objects.append(
                 {
                     "ann_id": ann_id,
                     "category_id": category_id,
                     "category": instances.categories.get(category_id, ""),
                     "supercategory": instances.supercategories.get(category_id, ""),
-                    "bbox": [float(v) for v in ann["bbox"]],
+                    "bbox": check_bbox(ann.get("bbox"), where),
                     "area": float(ann.get("area", 0.0)),
                     "iscrowd": bool(ann.get("iscrowd", 0)),
-                    "mask": segmentation_to_rle(ann["segmentation"], int(image["height"]), int(image["width"]), where),
+                    # an instance no ref names may rasterise to nothing (a sliver of a polygon): kept, not an error
+                    "mask": segmentation_to_rle(ann["segmentation"], image["height"], image["width"], where, allow_empty=True),
                 }
             )
         except ReferFormatError:
@@ -210,22 +395,28 @@ def decode_mask(row_or_rle) -> np.ndarray:
 
 
 def _sentences(ref: dict, where: str) -> list[dict]:
+    """The ref's sentences as schema rows: a non-empty list of dicts with an integer ``sent_id``, text in
+    ``sent`` (or ``raw``), and ``tokens`` a list of strings when given."""
     sentences = ref["sentences"]
+    if not isinstance(sentences, list):
+        raise ReferFormatError(f"{where}: sentences is a {type(sentences).__name__}; expected a list of sentence dicts")
     if not sentences:
         raise ReferFormatError(f"{where}: no sentences")
     out = []
-    for s in sentences:
+    for i, s in enumerate(sentences):
+        if not isinstance(s, dict):
+            raise ReferFormatError(f"{where}: sentence #{i} is a {type(s).__name__}; expected a dict")
+        sent_id = _int_field(s, "sent_id", f"{where}: sentence #{i}")
+        for key in ("sent", "raw"):
+            if s.get(key) is not None and not isinstance(s[key], str):
+                raise ReferFormatError(f"{where}: sentence {sent_id}: {key} is a {type(s[key]).__name__}, not text")
         sent = s.get("sent") or s.get("raw") or ""
         if not sent.strip():
-            raise ReferFormatError(f"{where}: sentence {s.get('sent_id')} is empty")
-        out.append(
-            {
-                "sent_id": int(s["sent_id"]),
-                "sent": sent,
-                "raw": s.get("raw", sent),
-                "tokens": [str(t) for t in s.get("tokens") or sent.split()],
-            }
-        )
+            raise ReferFormatError(f"{where}: sentence {sent_id} is empty")
+        tokens = s.get("tokens") or sent.split()
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ReferFormatError(f"{where}: sentence {sent_id}: tokens is not a list of strings")
+        out.append({"sent_id": sent_id, "sent": sent, "raw": s.get("raw") or sent, "tokens": tokens})
     return out
 
 
@@ -238,33 +429,51 @@ def unmined_negatives(n_sentences: int) -> dict:
     }
 
 
-def ref_rows(refs: list[dict], instances: Instances, refs_file: Path) -> Iterator[dict]:
-    """One row per ref (schema.REFS_FEATURES, negative columns empty), in ``ref_id`` order."""
-    for ref in sorted(refs, key=lambda r: int(r["ref_id"])):
+def ref_rows(
+    refs: list[dict],
+    instances: Instances,
+    refs_file: Path,
+    image_problem: Callable[[dict], str | None] | None = None,
+    skipped: dict[str, list[str]] | None = None,
+) -> Iterator[dict]:
+    """One row per ref (schema.REFS_FEATURES, negative columns empty), in ``ref_id`` order.
+
+    ``image_problem(image)`` is asked before anything is rasterised at the image's declared size: a ref
+    whose image has a problem is not converted, but noted in ``skipped[split]``.
+    """
+    for ref in sorted(refs, key=lambda r: r["ref_id"]):
         where = f"{refs_file}: ref {ref['ref_id']}"
-        ann = instances.annotations.get(int(ref["ann_id"]))
+        ann = instances.annotations.get(ref["ann_id"])
         if ann is None:
             raise ReferFormatError(f"{where}: annotation {ref['ann_id']} is not in {instances.path}")
-        image = instances.images.get(int(ref["image_id"]))
+        image = instances.images.get(ref["image_id"])
         if image is None:
             raise ReferFormatError(f"{where}: image {ref['image_id']} is not in {instances.path}")
-        if int(ann["image_id"]) != int(ref["image_id"]):
+        if ann["image_id"] != ref["image_id"]:
             raise ReferFormatError(
                 f"{where}: annotation {ann['id']} belongs to image {ann['image_id']}, the ref says {ref['image_id']}"
             )
-        category_id = int(ref["category_id"])
+        category = instances.categories.get(ref["category_id"])
+        if category is None:
+            raise ReferFormatError(f"{where}: category {ref['category_id']} is not in {instances.path}")
+        sentences = _sentences(ref, where)
+        ann_where = f"{where} (annotation {ann['id']})"
+        bbox = check_bbox(ann.get("bbox"), ann_where)
+        problem = image_problem(image) if image_problem is not None else None
+        if problem:
+            skipped = {} if skipped is None else skipped
+            skipped.setdefault(ref["split"], []).append(f"ref {ref['ref_id']}: image {ref['image_id']} {problem}")
+            continue
         yield {
-            "ref_id": int(ref["ref_id"]),
-            "ann_id": int(ref["ann_id"]),
-            "image_id": int(ref["image_id"]),
+            "ref_id": ref["ref_id"],
+            "ann_id": ref["ann_id"],
+            "image_id": ref["image_id"],
             "file_name": image["file_name"],
-            "category_id": category_id,
-            "category": instances.categories.get(category_id, ""),
-            "split": str(ref["split"]),
-            "sentences": _sentences(ref, where),
-            "bbox": [float(v) for v in ann["bbox"]],
-            "mask": segmentation_to_rle(
-                ann["segmentation"], int(image["height"]), int(image["width"]), f"{where} (annotation {ann['id']})"
-            ),
-            **unmined_negatives(len(ref["sentences"])),
+            "category_id": ref["category_id"],
+            "category": category,
+            "split": ref["split"],
+            "sentences": sentences,
+            "bbox": bbox,
+            "mask": segmentation_to_rle(ann.get("segmentation"), image["height"], image["width"], ann_where),
+            **unmined_negatives(len(sentences)),
         }

@@ -7,17 +7,23 @@ in *any* refs file present is kept out of *every* training negative pool.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import stat
 from functools import cached_property
 from pathlib import Path
 
+import simplejpeg
 from PIL import Image
 
 from . import refer
+from .pixels import to_8bit
 from .schema import REFS_CONFIGS, TRAIN_SPLIT
 
 logger = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 1 << 30  # never read a file this large into memory as "an image"
 
 
 class ReferSource:
@@ -70,31 +76,45 @@ class ReferSource:
             self._instances[config] = refer.load_instances(refer.instances_path(self.root, REFS_CONFIGS[config]))
         return self._instances[config]
 
+    @cached_property
+    def _image_root(self) -> Path:
+        return self.image_dir.resolve()
+
     def image_path(self, file_name: str) -> Path:
-        return self.image_dir / file_name
+        """Where ``file_name`` lies, symlinks resolved; a ``ReferFormatError`` if that is outside ``image_dir``."""
+        path = (self._image_root / file_name).resolve()
+        if not path.is_relative_to(self._image_root):
+            raise refer.ReferFormatError(f"{file_name!r} leads outside the image folder {self.image_dir}")
+        return path
 
     def image_problem(self, image: dict) -> str | None:
-        """Why an image file cannot be used (missing, unreadable, size differs from instances.json), or None.
+        """Why an image file cannot be used (outside the image folder, missing, not a regular file, damaged,
+        size differs from instances.json), or None.
 
-        Decoding at 1/8 scale reads the whole entropy-coded stream, so truncation is caught cheaply.
+        A JPEG is decoded strictly at 1/8 scale (the whole entropy-coded stream is read, and a libjpeg
+        warning counts as damage); anything else is decoded in full by PIL.
         """
         image_id = int(image["id"])
         if image_id not in self._image_problems:
-            path = self.image_path(image["file_name"])
             problem = None
             try:
-                with Image.open(path) as im:
-                    size = im.size
-                    im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-                    im.load()
+                path = self.image_path(image["file_name"])
+                status = path.stat()
+                if not stat.S_ISREG(status.st_mode):
+                    raise refer.ReferFormatError("is not a regular file")
+                if status.st_size > MAX_IMAGE_BYTES:
+                    raise refer.ReferFormatError(f"is {status.st_size:,} bytes, more than an image of 32768x32768 needs")
+                size = _decoded_size(path.read_bytes())
                 if size != (int(image["width"]), int(image["height"])):
                     problem = f"is {size[0]}x{size[1]}, instances.json says {image['width']}x{image['height']}"
             except FileNotFoundError:
                 problem = "is missing"
-            except Exception as err:  # PIL raises many types for corrupt files
-                problem = f"is unreadable ({type(err).__name__}: {err})"
+            except refer.ReferFormatError as err:
+                problem = str(err)
+            except Exception as err:  # PIL and libjpeg raise many types for corrupt files
+                problem = f"is unreadable or damaged ({type(err).__name__}: {err})"
             if problem:
-                logger.warning("skipping image %d: %s %s", image_id, path, problem)
+                logger.warning("skipping image %d: %s %s", image_id, image["file_name"], problem)
             self._image_problems[image_id] = problem
         return self._image_problems[image_id]
 
@@ -112,13 +132,22 @@ class ReferSource:
         instances = self.instances(config)
         rows: dict[str, list[dict]] = {split: [] for split in cfg.splits}
         skipped: dict[str, list[str]] = {split: [] for split in cfg.splits}
-        for row in refer.ref_rows(self.refs(config), instances, refer.refs_path(self.root, cfg)):
-            problem = self.image_problem(instances.images[row["image_id"]])
-            if problem:
-                skipped[row["split"]].append(f"ref {row['ref_id']}: image {row['image_id']} {problem}")
-            else:
-                rows[row["split"]].append(row)
+        refs = self.refs(config)
+        self._check_images_present(config, refs, instances)
+        for row in refer.ref_rows(refs, instances, refer.refs_path(self.root, cfg), self.image_problem, skipped):
+            rows[row["split"]].append(row)
         return rows, skipped
+
+    def _check_images_present(self, config: str, refs: list[dict], instances: refer.Instances) -> None:
+        """Stop at once, in one line, when most images the refs name are not in the image folder: a wrong
+        ``image_dir`` would otherwise skip every ref with a warning each and end in an empty build."""
+        names = {instances.images[r["image_id"]]["file_name"] for r in refs if r["image_id"] in instances.images}
+        missing = [n for n in sorted(names) if not (self.image_dir / n).exists()]
+        if names and len(missing) * 2 > len(names):
+            raise refer.ReferFormatError(
+                f"{len(missing)} of the {len(names)} images that {config} names are not in {self.image_dir} "
+                f"(e.g. {missing[0]}); point --image-dir (image_dir=) at the folder that holds them"
+            )
 
     @cached_property
     def eval_image_ids(self) -> frozenset[int]:
@@ -137,6 +166,20 @@ class ReferSource:
         return sorted(
             i for i in train_ids - self.eval_image_ids if self.image_problem(instances.images[i]) is None
         )
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    """The (width, height) of an encoded image after decoding it all; raises on any damage."""
+    if data[:2] == b"\xff\xd8":
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace in ("Gray", "YCbCr", "RGB"):  # what the mosaic decodes with libjpeg-turbo
+            simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=1, min_height=1, strict=True)  # at 1/8 scale
+            return width, height
+    with Image.open(io.BytesIO(data)) as im:
+        size = im.size
+        im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        to_8bit(im)  # refuses pixels with no 8-bit meaning
+    return size
 
 
 _SOURCES: dict[tuple, ReferSource] = {}
