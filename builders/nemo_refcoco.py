@@ -16,8 +16,7 @@ from pathlib import Path
 
 import datasets
 
-from nemo_hf import __version__
-from nemo_hf import refer
+from nemo_hf import __version__, progress, refer
 from nemo_hf.refer import ReferFormatError
 from nemo_hf.schema import DEFAULT_CONFIG, IMAGES_CONFIG, IMAGES_FEATURES, REFS_CONFIGS, REFS_FEATURES, TRAIN_SPLIT
 from nemo_hf.source import open_source
@@ -110,7 +109,9 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         if self.config.name == IMAGES_CONFIG:
             return [datasets.SplitGenerator(name=TRAIN_SPLIT, gen_kwargs={"source": source})]
         rows, self.skipped = source.rows(self.config.name)
-        self.provenance = None
+        with progress.stage("read", sum(map(len, rows.values()))) as bar:
+            bar.update(sum(map(len, rows.values())))
+        self.provenance = self.embeddings = None
         if self.config.mine and rows[TRAIN_SPLIT]:
             rows = {**rows, TRAIN_SPLIT: self._mined(source, rows[TRAIN_SPLIT])}
             self.info.description = f"{_DESCRIPTION}\nnemo_hf mining provenance: {json.dumps(self.provenance)}"
@@ -119,6 +120,7 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
     def _mined(self, source, train_rows: list[dict]) -> list[dict]:
         """Copies of the train rows with their negative columns filled (the source's rows stay unmined)."""
         from nemo_hf.embed import Embedder, demo_embedder
+        from nemo_hf.embeddings import MiningEmbeddings
         from nemo_hf.mine import MiningParams, mine_refs
 
         tau = self.config.tau
@@ -135,14 +137,26 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         images = source.instances(self.config.name).images
         pool = source.training_pool(self.config.name)
         own_and_pool = {row["image_id"] for row in train_rows} | set(pool)
+        image_files = {i: source.image_path(images[i]["file_name"]) for i in sorted(own_and_pool)}
+        cache_dir = self.config.embed_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings")
         columns, self.provenance = mine_refs(
             train_rows,
-            image_files={i: source.image_path(images[i]["file_name"]) for i in own_and_pool},
+            image_files=image_files,
             pool_image_ids=pool,
             embedder=embedder,
             params=params,
-            cache_dir=self.config.embed_cache_dir
-            or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings"),
+            cache_dir=cache_dir,
+        )
+        with progress.stage("select", self.provenance["sentences"]) as bar:
+            bar.update(self.provenance["sentences"])
+        # The vectors the rule saw (cache hits now), so a folder can show and re-check its negatives.
+        sentences = [(s["sent_id"], s["sent"], row["image_id"]) for row in train_rows for s in row["sentences"]]
+        self.embeddings = MiningEmbeddings(
+            image_ids=list(image_files),
+            images=embedder.embed_images(list(image_files.items()), cache_dir=cache_dir),
+            sent_ids=[sent_id for sent_id, _, _ in sentences],
+            sent_image_ids=[image_id for _, _, image_id in sentences],
+            sentences=embedder.embed_texts([(sent_id, text) for sent_id, text, _ in sentences], cache_dir=cache_dir),
         )
         mined = []
         for row in train_rows:
@@ -152,8 +166,10 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
 
     def _generate_examples(self, rows=None, source=None):
         if source is None:
-            for row in rows:
-                yield row["ref_id"], row
+            with progress.stage("write", len(rows)) as bar:
+                for row in rows:
+                    yield row["ref_id"], row
+                    bar.update()
             return
         yield from self._image_examples(source)
 
@@ -174,8 +190,10 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
                     images.setdefault(row["image_id"], instances.images[row["image_id"]])
                     holders.setdefault(row["image_id"], {}).setdefault(instances.path, instances)
         pools = {config: set(source.training_pool(config)) for config in configs}
+        bar = progress.stage("write", len(images))
         for image_id in sorted(images):
             image = images[image_id]
+            bar.update()
             yield image_id, {
                 "image_id": image_id,
                 "file_name": image["file_name"],
@@ -186,4 +204,5 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
                 "negative_pool_of": [c for c in configs if image_id in pools[c]],
                 "objects": refer.image_objects(list(holders[image_id].values()), image_id),
             }
+        bar.close()
 

@@ -17,6 +17,8 @@ _LAZY = {
     "MosaicEpochCallback": ".mosaic",
     "explode_sentences": ".mosaic",
     "render_preview": ".preview",
+    "show_ref": ".show",
+    "decode_mask": ".refer",
     "RISMetrics": ".metrics",
     "PredictionWriter": ".predictions",
     "MaskRIS": ".maskris",

@@ -91,16 +91,22 @@ def _mining_text(report) -> str:
             f"| {name} | `{model['model_id']}` | {weights} | {prov['tau']} -> {prov['tau_cosine']:.4f} | {prov['top_k']} "
             f"| {prov['mode']} | {prov['index']} | {prov['pool_size']:,} | {prov['sentences']:,} | {prov['fallback_sentences']:,} |"
         )
-    warning = (
+    notes = (
         "\n\n**Demo build: the negatives were mined with a randomly initialised CLIP and are meaningless.**"
         if demo else ""
     )
+    if report.embeddings:
+        notes += (
+            "\n\n`embeddings/` holds the mining model's L2-normalised embeddings (float16 bytes per cell, "
+            '`np.frombuffer(cell, "<f2")`): `images.parquet` per image, `<config>.parquet` per training sentence. '
+            "`nemo-hf stats` and `nemo-hf show` read them to plot tau and show each sentence's negatives without the model."
+        )
     return (
         "For each training expression, candidate images of the training pool (own image excluded) are ranked by\n"
         "text-to-image similarity; candidates too similar to the target (above tau) are dropped as likely false\n"
         "negatives; the first K survivors form the pool (`nemo_hf.mine`). The full provenance (nemo_hf version,\n"
         "preprocessing hashes, seeds) is in `nemo_hf.json` and in each refs shard's Arrow schema metadata (key `nemo_hf`).\n\n"
-        + "\n".join(rows) + warning
+        + "\n".join(rows) + notes
     )
 
 

@@ -1,4 +1,4 @@
-"""``nemo-hf``: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."""
+"""The ``nemo-hf`` command: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."""
 
 from __future__ import annotations
 
@@ -6,12 +6,77 @@ import argparse
 import logging
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
+from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
+
+from . import __version__
 from .refer import ReferFormatError
 from .schema import config_name
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+DESCRIPTION = "nemo-hf: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."
+DEMO_NOTICE = (
+    "DEMO: mining with a randomly initialised CLIP (--model demo-random): the negatives are MEANINGLESS. "
+    "Use --model openai/clip-vit-base-patch32 (or a local checkpoint) for real training data."
+)
+
+
+def _tau(value: str):
+    """``--tau``: a cosine (``0.9``) or a percentile (``p99``), checked before any file is read."""
+    from .mine import MiningParams
+
+    try:
+        tau = value if value.startswith("p") else float(value)
+        MiningParams(tau=tau)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a valid tau: give a cosine in [-1, 1] (e.g. 0.9) or a percentile p<q> (e.g. p99)"
+        ) from err
+    return tau
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return number
+
+    return parse
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (``main`` may run again under other streams)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _configure_logging() -> None:
+    """nemo_hf's own INFO lines, on a handler of the ``nemo_hf`` logger. No root handler: one would print
+    FAISS's loader chatter and repeat every huggingface_hub warning (that library has its own handler)."""
+    package = logging.getLogger("nemo_hf")
+    if not any(getattr(h, "nemo_hf_cli", False) for h in package.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.nemo_hf_cli = True
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
@@ -31,30 +96,35 @@ def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
 
 
 def cmd_build(args) -> int:
-    from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
-
     from .folder import MiningOptions, build_folder
 
     mining = None if args.no_mining else MiningOptions(
         model=args.model or (DEMO_MODEL if args.source is None else MiningOptions.model),
         model_revision=args.model_revision,
-        tau=args.tau,
+        tau=MiningOptions.tau if args.tau is None else args.tau,
         top_k=args.top_k,
         mode=args.mode,
         index=args.index,
         embed_cache_dir=args.embed_cache_dir,
     )
     configs = _configs(args.dataset or ["refcoco"], args.split_by or [])
-    if args.source is not None:
-        out = build_folder(args.source, args.out, configs, image_dir=args.image_dir, mining=mining)
-    else:
-        from .synthetic import make_refer_source
+    demo = mining is not None and mining.model == DEMO_MODEL
+    if demo:
+        print(DEMO_NOTICE, file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DEMO EMBEDDER")  # said once above, and again at the end
+        if args.source is not None:
+            out = build_folder(args.source, args.out, configs, image_dir=args.image_dir, mining=mining)
+        else:
+            from .synthetic import make_refer_source
 
-        print(f"no --source: building the embedded demo (a synthetic refer source of {args.demo_images} images)")
-        with tempfile.TemporaryDirectory(prefix="nemo_hf_demo_") as tmp:
-            make_refer_source(tmp, n_images=args.demo_images, seed=args.seed)
-            out = build_folder(tmp, args.out, configs if args.dataset else ["all"], mining=mining)
+            print(f"no --source: building the embedded demo (a synthetic refer source of {args.demo_images} images)")
+            with tempfile.TemporaryDirectory(prefix="nemo_hf_demo_") as tmp:
+                make_refer_source(tmp, n_images=args.demo_images, seed=args.seed)
+                out = build_folder(tmp, args.out, configs if args.dataset else ["all"], mining=mining)
     print(f"wrote {out}\nload it with: datasets.load_dataset({str(out)!r}, name)  (configs: see {out}/README.md)")
+    if demo:
+        print(DEMO_NOTICE, file=sys.stderr)
     return 0
 
 
@@ -65,22 +135,36 @@ def _load_split(folder: str, config: str, split: str = "train"):
 
 
 def cmd_stats(args) -> int:
-    from .stats import write_stats
+    from .stats import folder_stats
 
     out = args.output or f"{args.config}_negatives.png"
-    print(write_stats(_load_split(args.folder, args.config, args.split), out))
+    print(folder_stats(args.folder, args.config, out, split=args.split, tau=args.tau, sample=args.sample, seed=args.seed))
     print(f"plot: {out}")
     return 0
 
 
 def cmd_preview(args) -> int:
+    from .folder import BuildReport
     from .preview import render_preview
+
+    BuildReport.read(args.folder)  # a clear error for a refer source or any other folder
 
     refs = _load_split(args.folder, args.config, args.split)
     grid = render_preview(refs, _load_split(args.folder, "images"), n=args.n, output_size=args.size,
                           seed=args.seed, config=args.config, tile=args.tile)
     grid.save(args.output)
     print(f"wrote {args.output}: {args.n} samples of {args.config}/{args.split}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .show import show_ref
+
+    shown = show_ref(args.folder, args.config, ref_id=args.ref_id, sent_id=args.sent_id, show_all=args.all)
+    out = args.output or f"ref_{args.ref_id if args.ref_id is not None else 'sent_' + str(args.sent_id)}.png"
+    shown.image.save(out)
+    print(shown.text)
+    print(f"wrote {out}")
     return 0
 
 
@@ -115,51 +199,75 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nemo-hf", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nemo-hf", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"nemo-hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="refer files -> hub-ready folder (Parquet + dataset card)")
     b.add_argument("--source", help="refer layout root; omit for the embedded synthetic demo")
-    b.add_argument("--dataset", action="append", help="refcoco | refcoco+ | refcocog | a config name | all (repeatable)")
+    b.add_argument(
+        "--dataset",
+        action="append",
+        help="refcoco | refcoco+ | refcocog | a config name | all (repeatable; default: refcoco with --source, "
+        "all configs for the demo)",
+    )
     b.add_argument("--split-by", action="append", help="unc | umd | google (default: unc, umd for refcocog)")
     b.add_argument("--image-dir", help="COCO train2014 folder (default <source>/images/mscoco/images/train2014)")
     b.add_argument("--out", required=True, help="output folder; an existing one is replaced atomically only if it is an "
                    "earlier nemo-hf build (nemo_hf.json and build files, nothing else), anything else is refused; "
                    "it may not overlap --source")
-    b.add_argument("--model", help="mining model id or local path (default openai/clip-vit-base-patch32)")
-    b.add_argument("--model-revision")
-    b.add_argument("--tau", default="p99", help="i2i/t2i upper bound: a cosine (0.9) or a percentile (p99)")
-    b.add_argument("--top-k", type=int, default=20, help="negatives kept per expression")
-    b.add_argument("--mode", choices=["i2i", "t2i"], default="i2i")
-    b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat")
-    b.add_argument("--embed-cache-dir")
+    b.add_argument(
+        "--model",
+        help="mining model id or local path (default openai/clip-vit-base-patch32 with --source; the demo uses "
+        f"{DEMO_MODEL}, a randomly initialised CLIP that needs no download: meaningless negatives, for trying "
+        "the pipeline offline on a real source)",
+    )
+    b.add_argument("--model-revision", help="hub revision (branch, tag or commit) of --model")
+    b.add_argument("--tau", type=_tau, help="false-negative bound on the --mode similarity: "
+                   "a cosine (0.9) or a percentile of it (p99, the default)")
+    b.add_argument("--top-k", type=_positive, default=20, help="negatives kept per expression (default 20)")
+    b.add_argument("--mode", choices=["i2i", "t2i"], default="i2i",
+                   help="what tau bounds: image-to-image similarity to the target's image (i2i, default) "
+                   "or the sentence's similarity to the negative (t2i)")
+    b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat",
+                   help="flat: exact search (default); ivf / hnsw: approximate FAISS indexes for pools far larger than COCO")
+    b.add_argument("--embed-cache-dir", help="embedding cache (default <HF datasets cache>/nemo_hf_embeddings)")
     b.add_argument("--no-mining", action="store_true", help="leave the negative columns empty")
-    b.add_argument("--demo-images", type=int, default=48, help="images in the synthetic demo source")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--demo-images", type=_positive, default=48, help="images in the synthetic demo source (default 48)")
+    b.add_argument("--seed", type=_non_negative, default=0, help="seed of the synthetic demo source (default 0)")
     b.set_defaults(func=cmd_build)
 
-    st = sub.add_parser("stats", help="distribution of the mined negatives, as text and a PNG plot")
-    st.add_argument("folder")
-    st.add_argument("--config", default="refcoco_unc")
-    st.add_argument("--split", default="train")
+    st = sub.add_parser(
+        "stats", help="the similarity tau bounds and the mined negatives, as text and a PNG plot (choose tau and K)"
+    )
+    st.add_argument("folder", help="a folder written by nemo-hf build")
+    st.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    st.add_argument("--split", default="train", help="split (default train: only training sentences have negatives)")
+    st.add_argument("--tau", type=_tau, help="preview another tau (cosine or pNN) on the stored embeddings, without rebuilding")
+    st.add_argument("--sample", type=_positive, default=500,
+                    help="training sentences sampled for the similarity distribution (default 500)")
+    st.add_argument("--seed", type=_non_negative, default=0, help="seed of that sample (default 0)")
     st.add_argument("-o", "--output", help="PNG path (default <config>_negatives.png)")
     st.set_defaults(func=cmd_stats)
 
-    pv = sub.add_parser("preview", help="a grid of mosaics with the mask overlaid and the sentence under each")
-    pv.add_argument("folder")
-    pv.add_argument("--config", default="refcoco_unc")
-    pv.add_argument("--split", default="train")
-    pv.add_argument("-n", type=int, default=16)
-    pv.add_argument("--size", type=int, default=256, help="side of each mosaic in pixels")
-    pv.add_argument("--tile", choices=["squash", "letterbox"], default="squash")
-    pv.add_argument("--seed", type=int, default=0)
-    pv.add_argument("-o", "--output", default="grid.png")
+    pv = sub.add_parser(
+        "preview", help="a grid of mosaics with the mask outlined and the sentence and tile scores under each"
+    )
+    pv.add_argument("folder", help="a folder written by nemo-hf build")
+    pv.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    pv.add_argument("--split", default="train", help="split (default train)")
+    pv.add_argument("-n", type=_positive, default=16, help="mosaics in the grid (default 16)")
+    pv.add_argument("--size", type=_positive, default=256, help="side of each mosaic in pixels (default 256)")
+    pv.add_argument("--tile", choices=["squash", "letterbox"], default="squash",
+                    help="how a tile is fitted to its cell (default squash)")
+    pv.add_argument("--seed", type=_non_negative, default=0, help="picks the rows and renders them (default 0)")
+    pv.add_argument("-o", "--output", default="grid.png", help="PNG path (default grid.png)")
     pv.set_defaults(func=cmd_preview)
 
     ev = sub.add_parser("eval", help="score a predictions file on a split: oIoU, mIoU, Prec@X and difficulty breakdowns")
     ev.add_argument("folder", help="a folder written by nemo-hf build")
-    ev.add_argument("--config", default="refcoco_unc")
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    ev.add_argument("--split", default="val", help="split whose expressions are scored (default val)")
     ev.add_argument("--predictions", required=True, help="JSON Lines or Parquet: sent_id + mask RLE at original size")
     ev.add_argument("--strict", action="store_true", help="Prec@X counts IoU > X (CRIS, TAS) instead of >= X")
     ev.add_argument("--empty-iou", type=int, choices=[0, 1], default=0,
@@ -169,10 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", help="also draw the breakdowns as bar charts (PNG)")
     ev.set_defaults(func=cmd_eval)
 
+    sh = sub.add_parser("show", help="one ref: its image with the mask, its sentences, and their negatives (like showRef)")
+    sh.add_argument("folder", help="a folder written by nemo-hf build")
+    sh.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    which = sh.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ref-id", type=_non_negative, help="the ref to show, with all its sentences")
+    which.add_argument("--sent-id", type=_non_negative, help="a sentence: its ref, that sentence alone")
+    sh.add_argument("--all", action="store_true",
+                    help="every candidate the rule walked, best t2i first, the ones tau dropped marked in red")
+    sh.add_argument("-o", "--output", help="PNG path (default ref_<id>.png or ref_sent_<id>.png)")
+    sh.set_defaults(func=cmd_show)
+
     p = sub.add_parser("push", help="upload a built folder to the Hub in one atomic commit")
-    p.add_argument("folder")
+    p.add_argument("folder", help="a folder written by nemo-hf build")
     p.add_argument("--repo-id", required=True, help="USER/NAME")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--token", help="default: HF_TOKEN or the cached login")
     p.add_argument("--no-images", action="store_true", help="push the refs configs only (image shards already on the Hub stay)")
     p.add_argument("--delete-remote-images", action="store_true", help="with --no-images: delete the image shards already on the Hub")
@@ -181,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _configure_logging()
     try:
         return args.func(args)
     except (ReferFormatError, ValueError, OSError) as err:  # ModelLoadError is an OSError

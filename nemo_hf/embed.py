@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from nemo_hf import __version__
+from nemo_hf import __version__, progress
 from nemo_hf.pixels import to_8bit
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
@@ -306,9 +305,8 @@ class Embedder:
         if not todo:
             return self._stack(found, keys)
         try:
-            with self._thread_budget(), tqdm(
-                total=len(todo), unit=kind, desc=f"embedding {kind}s", disable=not self.progress
-            ) as bar:
+            stage_name = "embed images" if kind == "image" else "embed sentences"
+            with self._thread_budget(), progress.stage(stage_name, len(todo), disable=not self.progress) as bar:
                 for indices, vectors in batches([items[i] for i in todo], todo):
                     for index, vector in zip(indices, vectors):
                         found[keys[index]] = vector

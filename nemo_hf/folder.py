@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, embeddings, progress
 from .card import PREVIEW_FILE
 from .refer import ReferFormatError
 from .schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
@@ -39,6 +39,7 @@ MAX_SHARD_SIZE = "500MB"  # the Hub's own choice for push_to_hub: the dataset vi
 # `datasets` cache keys a local folder on its card, so the hash makes every changed build new to it
 # (builds of nemo_hf 0.1.0 before the hash are earlier builds too)
 SHARD_NAME = re.compile(r"data/[a-z0-9_]+/[A-Za-z0-9_]+-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.parquet")
+EMBEDDINGS_NAME = re.compile(rf"{embeddings.DIRECTORY}/[a-z0-9_]+\.parquet")  # images.parquet, <config>.parquet
 BUILD_FILES = (MANIFEST, "README.md", PREVIEW_FILE)
 
 
@@ -69,6 +70,13 @@ class BuildReport:
     configs: dict = field(default_factory=dict)  # name -> {"splits": {split: {...counts, shards}}, "mining": ..., "skipped": ...}
     default_config: str = DEFAULT_CONFIG
     eval_images_excluded_from_pools: int = 0
+    embeddings: dict = field(default_factory=dict)  # the mining embeddings kept beside the data (nemo_hf.embeddings)
+
+    @property
+    def embedding_files(self) -> list[str]:
+        return [self.embeddings[k] for k in ("images",) if k in self.embeddings] + list(
+            self.embeddings.get("sentences", {}).values()
+        )
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -77,6 +85,13 @@ class BuildReport:
     def read(cls, folder: str | os.PathLike) -> "BuildReport":
         path = Path(folder) / MANIFEST
         if not path.is_file():
+            if Path(folder).is_dir() and any(
+                (Path(folder) / REFS_CONFIGS[c].dataset / "instances.json").is_file() for c in REFS_CONFIGS
+            ):
+                raise FileNotFoundError(
+                    f"{folder} is a refer source, not a built folder: build one first with "
+                    f"`nemo-hf build --source {folder} --out DIR`, then point this command at DIR"
+                )
             raise FileNotFoundError(f"{path}: no build manifest; is {folder} a folder written by `nemo-hf build`?")
         return cls(**json.loads(path.read_text()))
 
@@ -108,6 +123,11 @@ def build_folder(
     ``mining=None`` leaves the negative columns empty. An existing ``out_dir`` is replaced only if it
     is an earlier build (else `OutFolderError`, and nothing is touched).
     """
+    with progress.build_stages():
+        return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size)
+
+
+def _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size) -> Path:
     out_dir = Path(out_dir).expanduser().resolve()
     source = open_source(source_root, image_dir)
     _check_no_overlap(out_dir, source)
@@ -140,6 +160,7 @@ def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions
     )
     common = {"source": str(source.root), "image_dir": str(source.image_dir), "cache_dir": str(partial / ".cache")}
     mining_fields = {"mine": False} if mining is None else {"mine": True, **asdict(mining)}
+    embedded_images: dict = {}
     for config in configs:
         logger.info("building %s from %s", config, source.root)
         builder = NemoRefcoco(config_name=config, **common, **mining_fields)
@@ -148,8 +169,12 @@ def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions
         entry["skipped"] = {split: refs for split, refs in builder.skipped.items() if refs}
         if builder.provenance:
             _stamp_provenance(partial, entry, builder.provenance)
+        if builder.embeddings is not None:
+            _keep_embeddings(partial, report, config, builder, embedded_images)
         _name_by_content(partial, entry)
         report.configs[config] = entry
+    if embedded_images:
+        report.embeddings["images"] = embeddings.write_images(partial, embedded_images)
     logger.info("building %s (the images of %s)", IMAGES_CONFIG, ", ".join(configs))
     builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
     report.configs[IMAGES_CONFIG] = _name_by_content(partial, _prepare(builder, partial, IMAGES_CONFIG, max_shard_size))
@@ -181,9 +206,9 @@ def _not_a_build(folder: Path, need_manifest: bool = True) -> str | None:
     for entry in sorted(folder.rglob("*")):
         name = entry.relative_to(folder).as_posix()
         mode = entry.lstat().st_mode
-        if stat.S_ISDIR(mode) and (name == "data" or re.fullmatch(r"data/[a-z0-9_]+", name)):
+        if stat.S_ISDIR(mode) and (name in ("data", embeddings.DIRECTORY) or re.fullmatch(r"data/[a-z0-9_]+", name)):
             continue
-        if stat.S_ISREG(mode) and (name in BUILD_FILES or SHARD_NAME.fullmatch(name)):
+        if stat.S_ISREG(mode) and (name in BUILD_FILES or SHARD_NAME.fullmatch(name) or EMBEDDINGS_NAME.fullmatch(name)):
             continue
         return f"it holds {name}, which no build writes"
     if not need_manifest or not any(folder.iterdir()):
@@ -292,6 +317,15 @@ def _counts(folder: Path, shards: list[str]) -> dict:
         sentences += pc.sum(pc.list_value_length(table["sentences"])).as_py() or 0
         images.update(table["image_id"].to_pylist())
     return {"sentences": sentences, "images": len(images)}
+
+
+def _keep_embeddings(folder: Path, report: BuildReport, config: str, builder, embedded_images: dict) -> None:
+    """The config's sentence embeddings into ``embeddings/<config>.parquet``; its image ones join the build's."""
+    kept = builder.embeddings
+    report.embeddings.setdefault("model", builder.provenance["model"])
+    report.embeddings["dtype"] = embeddings.DTYPE
+    report.embeddings.setdefault("sentences", {})[config] = embeddings.write_sentences(folder, config, kept)
+    embedded_images.update(zip(kept.image_ids, kept.images))
 
 
 def _stamp_provenance(folder: Path, entry: dict, provenance: dict) -> None:

@@ -103,6 +103,7 @@ def push_folder(
             raise PushError(f"{folder}: holds no refs config, so --no-images would push nothing")
 
     files = [MANIFEST] + [s for entry in report.configs.values() for split in entry["splits"].values() for s in split["shards"]]
+    files += [f for f in report.embedding_files if (folder / f).is_file()]
     preview = (folder / PREVIEW_FILE).is_file()
     if preview:
         files.append(PREVIEW_FILE)
@@ -117,7 +118,7 @@ def push_folder(
         kept_images = include_images or delete_remote_images
         stale = [
             f for f in api.list_repo_files(repo_id, repo_type="dataset", token=token)
-            if f.startswith("data/") and f not in pushed and (kept_images or not f.startswith(f"data/{IMAGES_CONFIG}/"))
+            if f.startswith(("data/", "embeddings/")) and f not in pushed and (kept_images or not f.startswith(f"data/{IMAGES_CONFIG}/"))
         ]
         operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="dataset", token=token)

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .mosaic import NeMoMosaic
 
 MASK_COLOUR = (255, 30, 60)
-MASK_ALPHA = 0.45
+MASK_ALPHA = 0.15  # light: the object's own colour stays readable ("person in green" must look green)
+CONTOUR_WIDTH = 2
 BOX_COLOUR = (255, 220, 0)
 GRID_COLOUR = (255, 255, 255)
 TEXT_COLOUR = (20, 20, 20)
@@ -36,12 +37,31 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
     return lines or [""]
 
 
+def mask_edge(mask: np.ndarray, width: int = CONTOUR_WIDTH) -> np.ndarray:
+    """The mask's pixels within ``width`` of its outside (the image border counts as outside)."""
+    inner = np.pad(mask.astype(bool), width)
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask.astype(bool) & ~inner[width:-width, width:-width]
+
+
+def outline_mask(image: np.ndarray, mask: np.ndarray, colour=MASK_COLOUR, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """``image`` (h, w, 3 uint8) with ``mask`` drawn as a contour over a light tint."""
+    mask = mask.astype(bool)
+    out = image.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.array(colour, np.float32)
+    out[mask_edge(mask)] = colour
+    return out.round().astype(np.uint8)
+
+
 def _overlay(sample: Mapping, output_size: int) -> Image.Image:
     image = np.asarray(sample["image"].convert("RGB") if isinstance(sample["image"], Image.Image) else sample["image"])
-    mask = sample["mask"].astype(bool)
-    tinted = image.astype(np.float32)
-    tinted[mask] = (1 - MASK_ALPHA) * tinted[mask] + MASK_ALPHA * np.array(MASK_COLOUR, np.float32)
-    picture = Image.fromarray(tinted.round().astype(np.uint8))
+    picture = Image.fromarray(outline_mask(image, sample["mask"]))
     draw = ImageDraw.Draw(picture)
     if sample["target_quadrant"] >= 0:
         half = output_size // 2
@@ -53,8 +73,27 @@ def _overlay(sample: Mapping, output_size: int) -> Image.Image:
     return picture
 
 
-def _caption(sample: Mapping) -> tuple[str, str]:
-    detail = f"{sample['mode']} | ref {sample['ref_id']} | tiles {sample['tile_image_ids']}"
+def _tiles(sample: Mapping, row: Mapping) -> str:
+    """The tiles, row-major, each negative with its t2i score from the row's negative columns."""
+    if sample["target_quadrant"] < 0:
+        return f"image {sample['tile_image_ids'][0]}"
+    scores = {}
+    for sentence, negatives, values in zip(row["sentences"], row.get("negatives") or [], row.get("negative_scores") or []):
+        if sentence["sent_id"] == sample["sent_id"]:
+            scores = dict(zip(negatives, values))
+    tiles = []
+    for quadrant, image_id in enumerate(sample["tile_image_ids"]):
+        if quadrant == sample["target_quadrant"]:
+            tiles.append(f"{image_id} target")
+        elif image_id in scores:
+            tiles.append(f"{image_id} t2i {scores[image_id]:.3f}")
+        else:
+            tiles.append(f"{image_id} random")
+    return "tiles " + ", ".join(tiles)
+
+
+def _caption(sample: Mapping, row: Mapping) -> tuple[str, str]:
+    detail = f"{sample['mode']} | ref {sample['ref_id']} | {_tiles(sample, row)}"
     if sample["notes"]:
         detail += " | " + "; ".join(sample["notes"])
     return f"\u201c{sample['sentence']}\u201d", detail
@@ -91,8 +130,8 @@ def render_preview(
     line_height = int(font.size * 1.3) if hasattr(font, "size") else 14
     small_height = int(small.size * 1.3) if hasattr(small, "size") else 12
     captions = []
-    for sample in samples:
-        sentence, detail = _caption(sample)
+    for sample, row in zip(samples, rows):
+        sentence, detail = _caption(sample, row)
         captions.append((_wrap(sentence, measure, font, output_size), _wrap(detail, measure, small, output_size)))
     columns = max(1, min(columns, len(samples)))
     grid_rows = [captions[i : i + columns] for i in range(0, len(captions), columns)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -380,6 +380,18 @@ def decode_rle(rle: dict) -> np.ndarray:
     counts = rle["counts"]
     counts = counts.encode("ascii") if isinstance(counts, str) else counts
     return mask_utils.decode({"size": [int(v) for v in rle["size"]], "counts": counts})
+
+
+def decode_mask(row_or_rle) -> np.ndarray:
+    """uint8 (h, w) 0/1 mask of a refs row (its ``mask`` column) or of a COCO RLE ``{"size", "counts"}``:
+    the refer toolkit's ``getMask`` for this dataset."""
+    rle = row_or_rle.get("mask", row_or_rle) if isinstance(row_or_rle, Mapping) else None
+    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
+        raise TypeError(
+            f"decode_mask wants a refs row (with a 'mask' column) or an RLE dict with 'size' and 'counts', "
+            f"got {type(row_or_rle).__name__}"
+        )
+    return decode_rle(rle)
 
 
 def _sentences(ref: dict, where: str) -> list[dict]:

@@ -1,16 +1,28 @@
-"""What the mined negatives look like: score distribution, pool size per sentence, fallbacks.
+"""What the mined negatives look like, to choose tau and K: the similarity tau bounds, the chosen
+negatives' scores, pool size per sentence, fallbacks.
 
 Reads the negative columns of a refs dataset (``schema.REFS_FEATURES``); rows without mined
-negatives (val/test, unmined builds) count as refs but contribute no sentence.
+negatives (val/test, unmined builds) count as refs but contribute no sentence. On a built folder,
+``folder_stats`` adds the distribution tau bounds, from the mining embeddings the folder keeps
+(``nemo_hf.embeddings``), and previews another tau without rebuilding.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from . import embeddings
+from .schema import IMAGES_CONFIG
+
+NEGATIVE_COLUMNS = ("sentences", "negatives", "negative_scores", "negative_fallback")
 QUANTILES = {"min": 0, "p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95, "max": 100}
 
 
@@ -20,7 +32,7 @@ def _numpy(array, dtype) -> np.ndarray:
 
 def _negative_columns(refs_dataset) -> dict:
     """Per mined sentence: pool size, fallback flag, first score; per negative: score, from a fallback."""
-    table = refs_dataset.select_columns(["sentences", "negatives", "negative_scores", "negative_fallback"])
+    table = refs_dataset.select_columns(list(NEGATIVE_COLUMNS))
     table = table.with_format("arrow")[:]
     per_sentence = pc.list_flatten(table["negative_scores"])
     sizes = _numpy(pc.list_value_length(per_sentence), np.int64)
@@ -73,8 +85,10 @@ def _summary(values: np.ndarray) -> dict:
     return out
 
 
-def stats_report(stats: dict) -> str:
-    """The stats as a short text report."""
+def stats_report(stats: dict, unmined: str | None = None) -> str:
+    """The stats as a short text report; ``unmined`` says why there are no negatives when it is known."""
+    if unmined:
+        return f"refs: {stats['refs']}; sentences: {stats['sentences']}\n{unmined}"
     lines = [
         f"refs: {stats['refs']} ({stats['refs_mined']} with mined negatives); "
         f"sentences: {stats['sentences']} ({stats['sentences_mined']} mined)"
@@ -106,8 +120,40 @@ def _format(summary: dict, number: str) -> str:
     return f"n={summary['count']}, mean {number.format(summary['mean'])}, " + ", ".join(parts)
 
 
-def write_stats(refs_dataset, out_png: str | Path) -> str:
-    """Compute the stats, draw score and pool-size histograms to ``out_png``, return the text report."""
+TAU_COLOUR = "#ff0000"  # the build's tau; drawn without antialiasing, so its pixels are exactly this
+PREVIEW_COLOUR = "#ff00ff"  # a previewed tau
+
+
+@dataclass
+class Similarity:
+    """The similarity tau bounds, for a seeded sample of training sentences against the pool.
+
+    ``values``: every (sampled sentence, pool image) pair but the sentence's own image: the i2i cosine to
+    the sentence's own image (mode i2i) or the t2i cosine (mode t2i). ``tau``: the build's resolved cosine;
+    ``preview``: another tau resolved the way the build would have (None when none was asked for).
+    """
+
+    mode: str
+    values: np.ndarray
+    sentences: int
+    tau: float
+    tau_spec: str
+    preview: float | None = None
+    preview_spec: str | None = None
+    preview_report: str = ""
+
+    def dropped(self, tau: float) -> float:
+        """Share of the pairs above ``tau``: what the filter drops (the rule drops cosines > tau)."""
+        return float((self.values > tau).mean()) if self.values.size else 0.0
+
+
+def write_stats(refs_dataset, out_png: str | Path, similarity: Similarity | None = None, unmined: str | None = None) -> str:
+    """Compute the stats, draw the plots to ``out_png``, return the text report.
+
+    Panels: the similarity tau bounds with tau as a vertical line (when ``similarity`` is given), the
+    chosen negatives' t2i cosines, the pool size per sentence. The PNG's ``nemo_hf`` text chunk gives the
+    tau panel's pixel box and x range, so a reader (or a test) can map the line back to a cosine.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +162,12 @@ def write_stats(refs_dataset, out_png: str | Path) -> str:
 
     cols = _negative_columns(refs_dataset)
     stats = _stats(cols)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 3 if similarity is not None else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), dpi=100)
+    tau_axes = axes[0] if similarity is not None else None
+    left, right = axes[-2], axes[-1]
+    if similarity is not None:
+        _draw_similarity(tau_axes, similarity)
     scores, from_fallback = cols["scores"], cols["score_fallback"]
     if scores.size:
         bins = np.linspace(scores.min(), scores.max() + 1e-6, 60)
@@ -128,17 +179,165 @@ def write_stats(refs_dataset, out_png: str | Path) -> str:
             color=["tab:blue", "tab:red"],
         )
         left.legend()
-        right.bar(list(stats["pool_size_counts"]), list(stats["pool_size_counts"].values()), color="tab:green")
+        sizes = list(stats["pool_size_counts"])
+        right.bar(sizes, list(stats["pool_size_counts"].values()), color="tab:green", width=0.8)
         right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(sizes) == 1:  # one size: a sane axis around it rather than matplotlib's +-0.4 fractions
+            right.set_xlim(sizes[0] - 3, sizes[0] + 3)
+            right.set_xticks(range(max(0, sizes[0] - 3), sizes[0] + 4))
     else:
-        left.text(0.5, 0.5, "no mined negatives", ha="center", va="center", transform=left.transAxes)
+        left.text(0.5, 0.5, unmined or "no mined negatives", ha="center", va="center", transform=left.transAxes, wrap=True)
     left.set(title="t2i cosine of chosen negatives", xlabel="cosine", ylabel="negatives")
     right.set(title="pool size per sentence", xlabel="negatives kept", ylabel="sentences")
-    figure.suptitle(
-        f"{stats['sentences_mined']} mined sentences, {stats['fallback']} fallbacks "
-        f"({100 * stats['fallback_rate']:.2f}%)"
-    )
+    if unmined:
+        figure.suptitle(unmined)
+    else:
+        figure.suptitle(
+            f"{stats['sentences_mined']} mined sentences, {stats['fallback']} fallbacks "
+            f"({100 * stats['fallback_rate']:.2f}%)"
+        )
     figure.tight_layout()
-    figure.savefig(out_png, dpi=100)
+    figure.canvas.draw()
+    geometry = {"pool_xlim": [round(v, 6) for v in right.get_xlim()]}
+    if tau_axes is not None:
+        x0, y0, x1, y1 = tau_axes.get_window_extent().extents  # display pixels, origin bottom-left
+        height = figure.bbox.height
+        geometry.update({"tau_axes_px": [x0, height - y1, x1, height - y0], "xlim": list(tau_axes.get_xlim())})
+    figure.savefig(out_png, dpi=100, metadata={"nemo_hf": json.dumps(geometry)})
     plt.close(figure)
-    return stats_report(stats)
+    report = stats_report(stats, unmined)
+    if similarity is not None:
+        report += "\n" + similarity_report(similarity)
+    return report
+
+
+def _draw_similarity(ax, sim: Similarity) -> None:
+    what = "i2i cosine: pool image vs the sentence's image" if sim.mode == "i2i" else "t2i cosine: sentence vs pool image"
+    ax.set(title=f"{what}\n({sim.sentences} sampled training sentences)", xlabel="cosine", ylabel="pairs")
+    if not sim.values.size:
+        ax.text(0.5, 0.5, "no pairs", ha="center", va="center", transform=ax.transAxes)
+        return
+    taus = [sim.tau] + ([sim.preview] if sim.preview is not None else [])
+    low, high = min(sim.values.min(), *taus), max(sim.values.max(), *taus)
+    pad = 0.02 * (high - low or 1.0)
+    ax.hist(sim.values, bins=np.linspace(low, high + 1e-6, 80), color="tab:gray")
+    ax.set_xlim(low - pad, high + pad)
+    lines = [(sim.tau, sim.tau_spec, TAU_COLOUR, "build")]
+    if sim.preview is not None:
+        lines.append((sim.preview, sim.preview_spec, PREVIEW_COLOUR, "preview"))
+    for value, spec, colour, name in lines:
+        label = f"{name} tau {spec} = {value:.4f}: drops {100 * sim.dropped(value):.2f}%"
+        ax.axvline(value, color=colour, linewidth=2, antialiased=False, label=label)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def similarity_report(sim: Similarity) -> str:
+    what = "i2i cosine of pool images to the sentence's image" if sim.mode == "i2i" else "t2i cosine of pool images"
+    lines = [
+        f"{what} ({sim.sentences} sampled sentences, {sim.values.size} pairs): "
+        + _format(_summary(sim.values.astype(np.float64)), "{:.4f}"),
+        f"build tau {sim.tau_spec} = {sim.tau:.4f} drops {100 * sim.dropped(sim.tau):.2f}% of these pairs",
+    ]
+    if sim.preview is not None:
+        lines.append(
+            f"preview tau {sim.preview_spec} = {sim.preview:.4f} drops {100 * sim.dropped(sim.preview):.2f}% of these pairs"
+        )
+        lines.append(sim.preview_report)
+    return "\n".join(line for line in lines if line)
+
+
+def folder_stats(
+    folder: str | Path,
+    config: str,
+    out_png: str | Path,
+    split: str = "train",
+    tau: float | str | None = None,
+    sample: int = 500,
+    seed: int = 0,
+) -> str:
+    """``write_stats`` on a built folder's ``config``/``split``, with the similarity tau bounds drawn from the
+    embeddings the folder keeps; ``tau`` previews another bound (a cosine or ``"p<q>"``) without rebuilding.
+    Returns the text report."""
+    from datasets import Dataset
+
+    from .folder import BuildReport
+
+    folder = Path(folder)
+    report = BuildReport.read(folder)
+    if config not in report.configs or config == IMAGES_CONFIG:
+        known = ", ".join(c for c in report.configs if c != IMAGES_CONFIG)
+        raise ValueError(f"{folder}: no refs config {config!r} in this folder (it has {known})")
+    if split not in report.configs[config]["splits"]:
+        raise ValueError(f"{folder}: {config} has no split {split!r} (it has {', '.join(report.configs[config]['splits'])})")
+    shards = [folder / shard for shard in report.configs[config]["splits"][split]["shards"]]
+    refs = Dataset(pa.concat_tables(pq.read_table(shard, columns=list(NEGATIVE_COLUMNS)) for shard in shards))
+    mining = report.configs[config].get("mining")
+    if not mining:
+        if tau is not None:
+            raise ValueError(f"{folder}: {config} was built with --no-mining: there is no tau to preview")
+        return write_stats(refs, out_png, unmined=f"{config} was built with --no-mining: it has no negatives")
+    similarity = None
+    kept = embeddings.read(folder, config)
+    if kept is None:
+        if tau is not None:
+            raise ValueError(f"{folder}: keeps no mining embeddings (built by an older nemo_hf): rebuild to preview a tau")
+    else:
+        pool = _pool(folder, report, config)
+        similarity = _similarity(kept, pool, mining, tau, sample, seed)
+    return write_stats(refs, out_png, similarity)
+
+
+def _pool(folder: Path, report, config: str) -> np.ndarray:
+    """Image ids of ``config``'s negative pool (the images config's ``negative_pool_of``)."""
+    ids = []
+    for shard in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]:
+        table = pq.read_table(folder / shard, columns=["image_id", "negative_pool_of"])
+        member = [config in pools for pools in table["negative_pool_of"].to_pylist()]
+        ids.append(table["image_id"].to_numpy()[np.asarray(member, dtype=bool)])
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+
+def _similarity(kept, pool_ids, mining: dict, tau, sample: int, seed: int) -> Similarity:
+    from .mine import MiningParams, resolve_tau, select_negatives
+
+    image_ids = np.asarray(kept.image_ids)
+    row = {int(i): r for r, i in enumerate(image_ids)}
+    pool_rows = np.array([row[int(i)] for i in pool_ids if int(i) in row], dtype=np.int64)
+    own_rows = np.array([row[int(i)] for i in kept.sent_image_ids], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(own_rows), size=min(sample, len(own_rows)), replace=False))
+    mode = mining["mode"]
+    anchors = kept.images[own_rows[chosen]] if mode == "i2i" else kept.sentences[chosen]
+    sims = anchors @ kept.images[pool_rows].T
+    values = sims[own_rows[chosen][:, None] != pool_rows[None, :]].astype(np.float32)
+    sim = Similarity(mode, values, len(chosen), float(mining["tau_cosine"]), str(mining["tau"]))
+    if tau is None:
+        return sim
+    params = MiningParams(
+        tau=tau, top_k=int(mining["top_k"]), mode=mode, seed=int(mining["seed"]), sample_pairs=int(mining["sample_pairs"])
+    )
+    sim.preview = resolve_tau(params, kept.sentences, own_rows, kept.images, pool_rows)
+    sim.preview_spec = str(tau)
+    # The sampled sentences mined again at both taus (from the same float16 copies, so like is compared with like).
+    picks = {}
+    miner_log = logging.getLogger("nemo_hf.mine")
+    level = miner_log.level
+    miner_log.setLevel(logging.WARNING)  # its per-search INFO line is build progress, noise in a report
+    try:
+        for name, cosine in (("build", sim.tau), ("preview", sim.preview)):
+            p = MiningParams(tau=float(cosine), top_k=params.top_k, mode=mode)
+            picks[name] = select_negatives(kept.sentences[chosen], own_rows[chosen], kept.images, pool_rows, p, threads=1)
+    finally:
+        miner_log.setLevel(level)
+    kept_share = np.mean(
+        [
+            len(set(picks["build"].negatives(i)[0]) & set(picks["preview"].negatives(i)[0]))
+            / max(1, len(picks["build"].negatives(i)[0]))
+            for i in range(len(chosen))
+        ]
+    )
+    sim.preview_report = (
+        f"on the {len(chosen)} sampled sentences, tau {tau}: {picks['preview'].n_fallback} fallbacks "
+        f"(build tau: {picks['build'].n_fallback}); {100 * (1 - kept_share):.1f}% of their negatives would change"
+    )
+    return sim

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -81,3 +83,14 @@ def test_misaligned_columns_are_refused():
     )
     with pytest.raises(ValueError, match="not aligned"):
         negative_stats(refs)
+
+
+def test_pool_size_axis_when_every_pool_has_the_same_size(tmp_path):
+    refs = datasets.Dataset.from_list(
+        [_ref(1, "train", [[5, 6, 7]], [[0.5, 0.4, 0.3]], [False]), _ref(2, "train", [[5, 8, 9]], [[0.3, 0.2, 0.1]], [False])],
+        features=REFS_FEATURES,
+    )
+    out = tmp_path / "stats.png"
+    assert "fewer than" not in write_stats(refs, out)
+    with Image.open(out) as image:  # whole numbers around the one size, not matplotlib's 2.6 .. 3.4
+        assert json.loads(image.text["nemo_hf"])["pool_xlim"] == [0, 6]

@@ -1,5 +1,7 @@
 """Streaming: a built folder read with ``streaming=True`` plus the mosaic, and sharding across ranks."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from datasets import load_dataset
@@ -46,12 +48,17 @@ def test_split_by_node_gives_disjoint_complete_shares(folder, world_size):
         return [row["ref_id"] for row in split_dataset_by_node(ds, rank=rank, world_size=world_size)]
 
     every = sorted(load_dataset(str(folder), "refcoco_unc", split="train")["ref_id"])
-    shares = [share(rank, seed=7) for rank in range(world_size)]
+    # A shuffled Parquet stream ends each pass with a fixed idle sleep in `datasets` (5 s,
+    # config.SLEEP_TIME_ON_THREADS_SHUTDOWN, to let PyArrow's reader threads wind down): the ranks'
+    # passes run side by side, as they would on a real cluster, so the test waits for it once.
+    # Ranks that shuffle with different seeds (an unseeded shuffle) overlap and miss rows.
+    runs = [(rank, 7) for rank in range(world_size)] + [(rank, 100 + rank) for rank in range(world_size)]
+    with ThreadPoolExecutor(len(runs)) as pool:
+        results = list(pool.map(lambda run: share(*run), runs))
+    shares, unseeded = results[:world_size], results[world_size:]
     assert sorted(np.concatenate(shares).tolist()) == every
     for a in range(world_size):
         for b in range(a + 1, world_size):
             assert not set(shares[a]) & set(shares[b])
     assert shares[0] != sorted(shares[0])  # it was shuffled
-    # ranks that shuffle with different seeds (an unseeded shuffle) overlap and miss rows
-    unseeded = [share(rank, seed=100 + rank) for rank in range(world_size)]
     assert sorted(np.concatenate(unseeded).tolist()) != every
