@@ -189,12 +189,53 @@ def cmd_eval(args) -> int:
     )
     report = {"folder": str(args.folder), "config": args.config, "split": args.split, **report}
     title = f"{args.config}/{args.split} ({args.predictions})"
+    from .zeroshot.provenance import provenance_banner
+
+    banner = provenance_banner(args.predictions)  # zero-shot predictions made with the instances oracle
+    if banner:
+        report["oracle"] = banner
+        print(banner)
     print(format_report(report, title))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nreport: {args.json}")
     if args.plot:
         print(f"plot: {plot_breakdowns(report, args.plot, title)}")
+    return 0
+
+
+def cmd_zeroshot(args) -> int:
+    from .zeroshot.run import build_predictor, format_summary, load_encoder, run_zeroshot
+
+    predictor = build_predictor(
+        load_encoder(args.model, args.batch_size), args.proposals, args.captioner, args.phrases,
+        args.negative_phrases, args.synonym_threshold, args.spacy_model,
+    )  # fmt: skip
+    refs = _load_split(args.folder, args.config, args.split)
+    summary = run_zeroshot(refs, _load_split(args.folder, "images"), predictor, args.output, args.cache_dir)
+    print(format_summary(summary))
+    print(f"score it: nemo-hf eval {args.folder} --config {args.config} --split {args.split} --predictions {args.output}")
+    return 0
+
+
+def cmd_difficulty(args) -> int:
+    import json
+
+    from .zeroshot.difficulty import format_difficulty, measure_difficulty, plot_difficulty
+    from .zeroshot.run import DEMO_MODEL, build_predictor, load_encoder
+
+    predictor = build_predictor(load_encoder(args.model, args.batch_size), phrases="vocabulary" if args.negatives else "none")
+    refs = _load_split(args.folder, args.config, "train")
+    report = measure_difficulty(refs, _load_split(args.folder, "images"), predictor, args.samples, args.seed,
+                                config=args.config, output_size=args.size)  # fmt: skip
+    demo = args.model == DEMO_MODEL
+    print(format_difficulty(report, demo))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report: {args.json}")
+    if args.output:
+        plot_difficulty(report, args.output, demo)
+        print(f"plot: {args.output}")
     return 0
 
 
@@ -296,6 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true", help="push the refs configs only (image shards already on the Hub stay)")
     p.add_argument("--delete-remote-images", action="store_true", help="with --no-images: delete the image shards already on the Hub")
     p.set_defaults(func=cmd_push)
+
+    z = sub.add_parser("zeroshot", help="TAS zero-shot segmentation of a split with CLIP -> a predictions file")
+    z.add_argument("folder")
+    z.add_argument("--config", default="refcoco_unc")
+    z.add_argument("--split", default="val")
+    z.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP-like id or local path; demo-random: untrained")
+    z.add_argument("--proposals", default="instances",
+                   help="instances (ORACLE: the ground-truth instance masks) or sam:PATH_OR_ID (a SamModel checkpoint)")
+    z.add_argument("--captioner", help="image-to-text model id or path: adds TAS's caption term P")
+    z.add_argument("--phrases", choices=["vocabulary", "spacy", "none"], default="vocabulary",
+                   help="negative phrases for N: COCO names vs the image (offline default), spaCy noun chunks of "
+                        "the caption (TAS; needs spaCy, a model and --captioner), or none")
+    z.add_argument("--negative-phrases", type=int, default=3, help="m: vocabulary names kept per image")
+    z.add_argument("--synonym-threshold", type=float, default=0.9,
+                   help="drop a negative phrase whose prompt embedding has a cosine above this with the head phrase's")
+    z.add_argument("--spacy-model", default="en_core_web_trf")
+    z.add_argument("--batch-size", type=int, default=64)
+    z.add_argument("--cache-dir", help="per-image feature cache (default <output>.cache): a rerun resumes from it")
+    z.add_argument("-o", "--output", required=True, help="predictions file (JSON Lines)")
+    z.set_defaults(func=cmd_zeroshot)
+
+    d = sub.add_parser("difficulty", help="zero-shot accuracy and margin of sampled sentences single / random / retrieval")
+    d.add_argument("folder")
+    d.add_argument("--config", default="refcoco_unc")
+    d.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP-like id or local path; demo-random: untrained")
+    d.add_argument("--samples", type=int, default=200, help="training sentences drawn (with --seed)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--negatives", action="store_true", help="add TAS's N term (offline COCO-vocabulary phrases)")
+    d.add_argument("--size", type=int, default=480, help="side of the rendered samples in pixels")
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--json", help="also write the report (with every sample) as JSON here")
+    d.add_argument("-o", "--output", help="PNG plot")
+    d.set_defaults(func=cmd_difficulty)
     return parser
 
 

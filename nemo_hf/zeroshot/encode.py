@@ -1,0 +1,151 @@
+"""CLIP features for zero-shot scoring: crops and whole images in batches, texts memoised, and the
+per-image cache that makes a run resumable.
+
+TAS re-encodes an image's proposal crops inside its per-expression loop; here everything that depends
+only on the image (proposal masks, crop embeddings, centroids, the whole-image embedding, captions)
+is computed once per image, stored as one ``<image_id>.npz`` file (written atomically), and reused for
+every expression of the image and by any later run with the same model, proposer and captioner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..embed import Embedder, _atomic_write, _normalised
+
+CACHE_FORMAT = 1
+
+
+class ClipEncoder:
+    """Batches of crops (uint8 HxWx3 arrays) and of texts through one `Embedder`'s model and processors.
+
+    Text embeddings are memoised: negative phrases and captions repeat across images.
+    """
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+        self._texts: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"ClipEncoder({self.embedder!r})"
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, d) float32, L2-normalised; the model's own preprocessing (resize, centre crop, normalise)."""
+        emb = self.embedder
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        with emb._thread_budget():
+            for start in range(0, len(images), emb.batch_size):
+                batch = [Image.fromarray(np.ascontiguousarray(a)) for a in images[start : start + emb.batch_size]]
+                pixels = emb.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+                with torch.inference_mode():
+                    features = emb.model.get_image_features(pixel_values=pixels.to(emb.device, emb.dtype))
+                out.append(_normalised(features))
+        return np.concatenate(out)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32, L2-normalised, in the order given."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        if todo:
+            vectors = self.embedder.embed_texts(list(enumerate(todo)))
+            self._texts.update(zip(todo, vectors))
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self._texts[t] for t in texts])
+
+    def cache_key(self) -> dict:
+        return {"image": self.embedder.cache_key("image"), "text": self.embedder.cache_key("text")}
+
+
+@dataclass
+class ImageFeatures:
+    """Everything the scorer needs from one image, whatever the expression."""
+
+    size: tuple[int, int]  # (h, w) of the image
+    masks: list[dict]  # proposal masks, COCO RLE at the image's original size
+    crop_emb: np.ndarray  # (n, d)
+    centroids: np.ndarray  # (n, 2) as (row, column)
+    image_emb: np.ndarray  # (d,) the whole image
+    captions: list[str] | None = None  # one per proposal, with a captioner
+    caption_emb: np.ndarray | None = None  # (n, d)
+    whole_caption: str | None = None  # the whole image's caption (for --phrases spacy)
+
+    def to_npz(self) -> bytes:
+        arrays = {
+            "size": np.asarray(self.size, dtype=np.int64),
+            "mask_size": np.asarray([m["size"] for m in self.masks], dtype=np.int64).reshape(-1, 2),
+            "mask_counts": np.asarray([m["counts"] for m in self.masks], dtype=str),
+            "crop_emb": self.crop_emb.astype(np.float32),
+            "centroids": self.centroids.astype(np.float64),
+            "image_emb": self.image_emb.astype(np.float32),
+        }
+        if self.captions is not None:
+            arrays["captions"] = np.asarray(self.captions, dtype=str)
+            arrays["caption_emb"] = self.caption_emb.astype(np.float32)
+        if self.whole_caption is not None:
+            arrays["whole_caption"] = np.asarray(self.whole_caption, dtype=str)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, data) -> ImageFeatures:
+        masks = [{"size": [int(h), int(w)], "counts": str(c)} for (h, w), c in zip(data["mask_size"], data["mask_counts"])]
+        return cls(
+            size=tuple(int(v) for v in data["size"]),
+            masks=masks,
+            crop_emb=data["crop_emb"],
+            centroids=data["centroids"],
+            image_emb=data["image_emb"],
+            captions=[str(c) for c in data["captions"]] if "captions" in data else None,
+            caption_emb=data["caption_emb"] if "caption_emb" in data else None,
+            whole_caption=str(data["whole_caption"]) if "whole_caption" in data else None,
+        )
+
+
+class FeatureCache:
+    """``<directory>/<key digest>/<image_id>.npz``, one file per image, keyed by everything that changes it."""
+
+    def __init__(self, directory: str | Path, key: dict):
+        meta = {"format": CACHE_FORMAT, **key}
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+        self.directory = Path(directory) / digest
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.exists():
+            _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.directory)!r})"
+
+    def _path(self, image_id: int) -> Path:
+        return self.directory / f"{int(image_id)}.npz"
+
+    def get(self, image_id: int) -> ImageFeatures | None:
+        path = self._path(image_id)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return ImageFeatures.from_npz(data)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            warnings.warn(f"feature cache: dropping unreadable {path} ({err}); it will be recomputed")
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, image_id: int, features: ImageFeatures) -> None:
+        _atomic_write(self._path(image_id), features.to_npz())

@@ -1,0 +1,25 @@
+"""The note beside a zero-shot predictions file that says what made it (read by `nemo-hf eval`; light imports)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def provenance_path(predictions) -> Path:
+    """Where `run_zeroshot` says what made a predictions file: ``<predictions>.provenance.json``."""
+    predictions = Path(predictions)
+    return predictions.with_name(predictions.name + ".provenance.json")
+
+
+def provenance_banner(predictions) -> str | None:
+    """For `nemo-hf eval`'s report: the oracle warning when zero-shot predictions used the instances oracle."""
+    path = provenance_path(predictions)
+    try:
+        provenance = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(provenance, dict) and provenance.get("oracle_proposals"):
+        return (f"ORACLE SETTING ({path.name}): zero-shot predictions from {provenance.get('proposals')}; an upper "
+                "bound, not comparable with proposal-based zero-shot numbers")  # fmt: skip
+    return None
