@@ -65,7 +65,8 @@ def test_zeroshot_instances_with_a_perfect_scorer_gives_oiou_1(folder, tmp_path,
     embedder = _perfect_embedder(folder)
     monkeypatch.setattr(Embedder, "from_pretrained", classmethod(lambda cls, *a, **k: embedder))
     out = tmp_path / "pred.jsonl"
-    argv = ["zeroshot", str(folder), "--config", "refcoco_unc", "--split", "val", "--model", "perfect", "-o", str(out)]
+    argv = ["zeroshot", str(folder), "--config", "refcoco_unc", "--split", "val", "--model", "perfect",
+            "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     report = capsys.readouterr().out
     assert "ORACLE" in report and "instances" in report
@@ -85,7 +86,7 @@ def test_zeroshot_instances_with_a_perfect_scorer_gives_oiou_1(folder, tmp_path,
     assert cli.main(argv) == 0
     assert not calls and out.read_bytes() == first
     assert "images from the cache" in capsys.readouterr().out
-    # scored through Parquet as well
+    # scored through Parquet as well (from the same cache)
     assert cli.main(argv[:-1] + [str(tmp_path / "pred.parquet")]) == 0
     assert _eval(folder, tmp_path / "pred.parquet", tmp_path)["metrics"]["oIoU"] == 1.0
     assert json.loads((tmp_path / "pred.jsonl.provenance.json").read_text())["images_from_cache"] == provenance["images"]
@@ -122,14 +123,14 @@ def test_zeroshot_errors_are_clear(folder, tmp_path, capsys):
 
 def test_difficulty_modes_counts_and_seed(folder, tmp_path, capsys):
     def run(seed, name):
-        argv = ["difficulty", str(folder), "--model", "demo-random", "--samples", "4", "--seed", str(seed),
+        argv = ["difficulty", str(folder), "--model", "demo-random", "--samples", "3", "--seed", str(seed),
                 "--size", "128", "--json", str(tmp_path / f"{name}.json"), "-o", str(tmp_path / f"{name}.png")]
         assert cli.main(argv) == 0
         return json.loads((tmp_path / f"{name}.json").read_text()), capsys.readouterr()
 
     report, captured = run(1, "a")
     assert "MEANINGLESS" in captured.out and "MEANINGLESS" in captured.err
-    assert set(report["modes"]) == {"single", "random", "retrieval"} and report["samples"] == 4
+    assert set(report["modes"]) == {"single", "random", "retrieval"} and report["samples"] == 3
     assert report["oracle_proposals"] is True
     assert (tmp_path / "a.png").stat().st_size > 0
     train = _split(folder, "refcoco_unc", "train")
@@ -137,7 +138,7 @@ def test_difficulty_modes_counts_and_seed(folder, tmp_path, capsys):
     table = ImageTable(_split(folder, "images", "train"))
     for mode, m in report["modes"].items():
         records = m["records"]
-        assert m["scored"] + m["target_vanished"] == 4 == len(records) + m["target_vanished"]
+        assert m["scored"] + m["target_vanished"] == 3 == len(records) + m["target_vanished"]
         assert m["top1_accuracy"] == np.mean([r["correct"] for r in records])
         assert m["mean_objects"] == np.mean([r["objects"] for r in records])
         assert m["rendered_as_asked"] == sum(r["mode"] == mode for r in records)
@@ -157,5 +158,5 @@ def test_difficulty_modes_counts_and_seed(folder, tmp_path, capsys):
     again, _ = run(1, "b")
     assert again == report
     drawn = [r["sent_id"] for r in report["modes"]["single"]["records"]]
-    assert [r["sent_id"] for r in sample_sentences(train, 4, 1)] == drawn
-    assert [r["sent_id"] for r in sample_sentences(train, 4, 2)] != drawn
+    assert [r["sent_id"] for r in sample_sentences(train, 3, 1)] == drawn
+    assert [r["sent_id"] for r in sample_sentences(train, 3, 2)] != drawn
