@@ -183,3 +183,15 @@ def test_caption_noun_chunks_drop_the_head_synonyms(encoder):
     kept = chunks.negatives(features, "a red car, on the left")
     expected = encoder.encode_texts(["a photo of a man", "a photo of a dog"])
     np.testing.assert_allclose(kept, expected)  # "a red car" is the head itself: dropped
+
+
+def test_an_image_without_proposals_round_trips_and_predicts_nothing(encoder, tmp_path):
+    image = _image()
+    predictor = TasPredictor(encoder, InstanceProposals(), VocabularyNegatives(encoder))
+    features = predictor.image_features(image, [], "image 1")
+    assert features.masks == [] and features.crop_emb.shape == (0, encoder.dim)
+    cache = FeatureCache(tmp_path, predictor.cache_key())
+    cache.put(1, features)
+    back = cache.get(1)
+    assert back.size == (120, 160) and back.masks == [] and back.centroids.shape == (0, 2)
+    assert predictor.choose(back, "the man", ["the", "man"], encoder.encode_texts(["the man"])[0]) is None
