@@ -148,7 +148,8 @@ def test_difficulty_modes_counts_and_seed(folder, tmp_path, capsys):
             if r["mode"] == "single":  # every object of the target's image, by hand
                 objects = [o for o in table.objects_of(ref["image_id"])]
                 assert r["objects"] == len(objects)
-                assert r["same_category_distractors"] == sum(o["category_id"] == ref["category_id"] for o in objects) - 1
+                same = sum(o["category_id"] == ref["category_id"] and not o["iscrowd"] for o in objects)
+                assert r["same_category_distractors"] == same - 1
             if r["mode"] == "retrieval":  # the tiles are the sentence's mined negatives
                 negatives = set(r["tile_image_ids"]) - {ref["image_id"]}
                 assert negatives <= set(ref["negatives"][i])

@@ -55,7 +55,10 @@ def score_sample(predictor: TasPredictor, out: dict, text_emb: np.ndarray) -> di
         "tile_image_ids": out["tile_image_ids"],
         "target_tile": objects[target]["tile"],
         "objects": len(objects),
-        "same_category_distractors": sum(objects[i]["category_id"] == category for i in others),
+        # crowd regions are proposals but not counted as instances (as in nemo-hf eval's breakdown)
+        "same_category_distractors": sum(
+            objects[i]["category_id"] == category and not objects[i]["iscrowd"] for i in others
+        ),
         "correct": bool(int(np.argmax(scores)) == target),
         "margin": None,
         "best_distractor": None,
