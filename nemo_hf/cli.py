@@ -1,4 +1,4 @@
-"""The ``nemo-hf`` command: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."""
+"""The ``nemo-hf`` command: build a hub-ready folder, inspect and preview it, evaluate, zero-shot TAS, push."""
 
 from __future__ import annotations
 
