@@ -16,7 +16,10 @@ from .refer import ReferFormatError
 from .schema import config_name
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
-DESCRIPTION = "nemo-hf: build a hub-ready folder, inspect its negatives, preview mosaics, push it to the Hub."
+DESCRIPTION = (
+    "nemo-hf: build a hub-ready folder, inspect its negatives, preview mosaics, evaluate predictions, "
+    "segment zero-shot (TAS), measure difficulty, push it to the Hub."
+)
 DEMO_NOTICE = (
     "DEMO: mining with a randomly initialised CLIP (--model demo-random): the negatives are MEANINGLESS. "
     "Use --model openai/clip-vit-base-patch32 (or a local checkpoint) for real training data."
@@ -339,36 +342,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_push)
 
     z = sub.add_parser("zeroshot", help="TAS zero-shot segmentation of a split with CLIP -> a predictions file")
-    z.add_argument("folder")
-    z.add_argument("--config", default="refcoco_unc")
-    z.add_argument("--split", default="val")
-    z.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP-like id or local path; demo-random: untrained")
+    z.add_argument("folder", help="a folder written by nemo-hf build (with the objects column)")
+    z.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    z.add_argument("--split", default="val", help="split to segment (default val)")
+    z.add_argument("--model", default="openai/clip-vit-base-patch32",
+                   help="CLIP-like id or local path (default openai/clip-vit-base-patch32); demo-random: untrained")
     z.add_argument("--proposals", default="instances",
-                   help="instances (ORACLE: the ground-truth instance masks) or sam:PATH_OR_ID (a SamModel checkpoint)")
+                   help="instances (ORACLE: the ground-truth instance masks; default) or sam:PATH_OR_ID (a SamModel)")
     z.add_argument("--captioner", help="image-to-text model id or path: adds TAS's caption term P")
     z.add_argument("--phrases", choices=["vocabulary", "spacy", "none"], default="vocabulary",
                    help="negative phrases for N: COCO names vs the image (offline default), spaCy noun chunks of "
                         "the caption (TAS; needs spaCy, a model and --captioner), or none")
-    z.add_argument("--negative-phrases", type=int, default=3, help="m: vocabulary names kept per image")
+    z.add_argument("--negative-phrases", type=_positive, default=3, help="m: vocabulary names kept per image (default 3)")
     z.add_argument("--synonym-threshold", type=float, default=0.9,
-                   help="drop a negative phrase whose prompt embedding has a cosine above this with the head phrase's")
-    z.add_argument("--spacy-model", default="en_core_web_trf")
-    z.add_argument("--batch-size", type=int, default=64)
+                   help="drop a negative phrase whose prompt has a cosine above this with the head phrase's (default 0.9)")
+    z.add_argument("--spacy-model", default="en_core_web_trf", help="spaCy model for --phrases spacy (default en_core_web_trf)")
+    z.add_argument("--batch-size", type=_positive, default=64, help="crops per forward pass (default 64)")
     z.add_argument("--cache-dir", help="per-image feature cache (default <output>.cache): a rerun resumes from it")
-    z.add_argument("-o", "--output", required=True, help="predictions file (JSON Lines)")
+    z.add_argument("-o", "--output", required=True, help="predictions file (.jsonl or .parquet)")
     z.set_defaults(func=cmd_zeroshot)
 
     d = sub.add_parser("difficulty", help="zero-shot accuracy and margin of sampled sentences single / random / retrieval")
-    d.add_argument("folder")
-    d.add_argument("--config", default="refcoco_unc")
-    d.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP-like id or local path; demo-random: untrained")
-    d.add_argument("--samples", type=int, default=200, help="training sentences drawn (with --seed)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("folder", help="a folder written by nemo-hf build (mined, with the objects column)")
+    d.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
+    d.add_argument("--model", default="openai/clip-vit-base-patch32",
+                   help="CLIP-like id or local path (default openai/clip-vit-base-patch32); demo-random: untrained")
+    d.add_argument("--samples", type=_positive, default=200, help="training sentences drawn (default 200)")
+    d.add_argument("--seed", type=_non_negative, default=0, help="draws the sentences and renders them (default 0)")
     d.add_argument("--negatives", action="store_true", help="add TAS's N term (offline COCO-vocabulary phrases)")
-    d.add_argument("--size", type=int, default=480, help="side of the rendered samples in pixels")
-    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--size", type=_positive, default=480, help="side of the rendered samples in pixels (default 480)")
+    d.add_argument("--batch-size", type=_positive, default=64, help="crops per forward pass (default 64)")
     d.add_argument("--json", help="also write the report (with every sample) as JSON here")
-    d.add_argument("-o", "--output", help="PNG plot")
+    d.add_argument("-o", "--output", help="also draw the report as a PNG here")
     d.set_defaults(func=cmd_difficulty)
     return parser
 
