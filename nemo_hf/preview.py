@@ -20,14 +20,14 @@ NOTE_COLOUR = (120, 120, 120)
 MARGIN = 8
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
 
 
-def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
+def wrap_text(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
     lines: list[str] = []
     for word in text.split():
         if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
@@ -35,6 +35,14 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
         else:
             lines.append(word)
     return lines or [""]
+
+
+def draw_lines(draw: ImageDraw.ImageDraw, x: int, y: int, lines, fill, font, line_height: int) -> int:
+    """Draw ``lines`` one under the other from (x, y); returns the y below the last."""
+    for line in lines:
+        draw.text((x, y), line, fill=fill, font=font)
+        y += line_height
+    return y
 
 
 def mask_edge(mask: np.ndarray, width: int = CONTOUR_WIDTH) -> np.ndarray:
@@ -125,14 +133,14 @@ def render_preview(
     out = transform(batch)
     samples = [{key: values[i] for key, values in out.items()} for i in range(len(rows))]
 
-    font, small = _font(14), _font(11)
+    font, small = load_font(14), load_font(11)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = int(font.size * 1.3) if hasattr(font, "size") else 14
     small_height = int(small.size * 1.3) if hasattr(small, "size") else 12
     captions = []
     for sample, row in zip(samples, rows):
         sentence, detail = _caption(sample, row)
-        captions.append((_wrap(sentence, measure, font, output_size), _wrap(detail, measure, small, output_size)))
+        captions.append((wrap_text(sentence, measure, font, output_size), wrap_text(detail, measure, small, output_size)))
     columns = max(1, min(columns, len(samples)))
     grid_rows = [captions[i : i + columns] for i in range(0, len(captions), columns)]
     text_heights = [max(len(s) * line_height + len(d) * small_height for s, d in row) + MARGIN for row in grid_rows]
@@ -146,13 +154,8 @@ def render_preview(
             sample = samples[r * columns + c]
             left = MARGIN + c * cell_w
             sheet.paste(_overlay(sample, output_size), (left, top))
-            y = top + output_size + 4
-            for line in sentence_lines:
-                draw.text((left, y), line, fill=TEXT_COLOUR, font=font)
-                y += line_height
-            for line in detail_lines:
-                draw.text((left, y), line, fill=NOTE_COLOUR, font=small)
-                y += small_height
+            y = draw_lines(draw, left, top + output_size + 4, sentence_lines, TEXT_COLOUR, font, line_height)
+            draw_lines(draw, left, y, detail_lines, NOTE_COLOUR, small, small_height)
         top += output_size + MARGIN + text_heights[r]
     return sheet
 

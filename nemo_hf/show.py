@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from . import embeddings
-from .preview import NOTE_COLOUR, TEXT_COLOUR, _font, _wrap, mask_edge, outline_mask
+from .preview import NOTE_COLOUR, TEXT_COLOUR, draw_lines, load_font, mask_edge, outline_mask, wrap_text
 from .refer import decode_mask
 from .schema import IMAGES_CONFIG, TRAIN_SPLIT
 
@@ -194,13 +194,13 @@ def show_ref(
     ]
     if mining:
         lines.append(f"mining: {mining['mode']} tau {mining['tau']} = {float(mining['tau_cosine']):.4f}, top_k {mining['top_k']}")
-    font, small = _font(15), _font(11)
+    font, small = load_font(15), load_font(11)
     width = max(size, per_row * (thumb + MARGIN)) + 2 * MARGIN
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     blocks = []  # (text lines, small lines, candidates)
     for i in indices:
         sentence = row["sentences"][i]
-        head = _wrap(f"{sentence['sent_id']}: \u201c{sentence['sent']}\u201d", measure, font, width - 2 * MARGIN)
+        head = wrap_text(f"{sentence['sent_id']}: \u201c{sentence['sent']}\u201d", measure, font, width - 2 * MARGIN)
         if not mined:
             note = [f"no negatives ({row['split']} split)" if row["split"] != TRAIN_SPLIT else "no negatives (built with --no-mining)"]
             blocks.append((head, note, []))
@@ -221,21 +221,14 @@ def show_ref(
     height += sum(len(h) * line_h + len(n) * small_h + grid_h(len(c)) + MARGIN for h, n, c in blocks)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    y = MARGIN
-    for line in lines:
-        draw.text((MARGIN, y), line, fill=TEXT_COLOUR, font=font)
-        y += line_h
+    y = draw_lines(draw, MARGIN, MARGIN, lines, TEXT_COLOUR, font, line_h)
     sheet.paste(target, (MARGIN, y))
     y += target.height + MARGIN
     shown = Shown(sheet, "", {})
     text = list(lines)
     for i, (head, note, cands) in zip(indices, blocks):
-        for line in head:
-            draw.text((MARGIN, y), line, fill=TEXT_COLOUR, font=font)
-            y += line_h
-        for line in note:
-            draw.text((MARGIN, y), line, fill=NOTE_COLOUR, font=small)
-            y += small_h
+        y = draw_lines(draw, MARGIN, y, head, TEXT_COLOUR, font, line_h)
+        y = draw_lines(draw, MARGIN, y, note, NOTE_COLOUR, small, small_h)
         text += head + ["  " + n for n in note]
         tiles = shown.tiles.setdefault(row["sentences"][i]["sent_id"], [])
         for k, (image_id, t2i, i2i, dropped) in enumerate(cands):
