@@ -36,6 +36,7 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
         mine: compute the negative columns for the train split (False leaves them empty).
         model, model_revision, tau, top_k, mode, index: the mining settings (see ``nemo_hf.mine.MiningParams``).
         embed_cache_dir: where embeddings are cached between runs (default under the HF datasets cache).
+        embed_batch_size: images or sentences per model forward.
         ``model="demo-random"`` mines with a randomly initialised CLIP: for the offline demo only.
     """
 
@@ -50,6 +51,7 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
     mode: str = "i2i"
     index: str = "flat"
     embed_cache_dir: str | None = None
+    embed_batch_size: int = 64
 
     @property
     def source_root(self) -> str:
@@ -119,37 +121,15 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
 
     def _mined(self, source, train_rows: list[dict]) -> list[dict]:
         """Copies of the train rows with their negative columns filled (the source's rows stay unmined)."""
-        from nemo_hf.embed import Embedder, demo_embedder
         from nemo_hf.embeddings import MiningEmbeddings
-        from nemo_hf.mine import MiningParams, mine_refs
+        from nemo_hf.mine import mine_refs
 
-        tau = self.config.tau
-        params = MiningParams(
-            tau=tau if isinstance(tau, float) or str(tau).startswith("p") else float(tau),
-            top_k=int(self.config.top_k),
-            mode=self.config.mode,
-            index=self.config.index,
-        )
-        if self.config.model == DEMO_MODEL:
-            embedder = demo_embedder()
-        else:
-            embedder = Embedder.from_pretrained(self.config.model, revision=self.config.model_revision)
-        images = source.instances(self.config.name).images
-        pool = source.training_pool(self.config.name)
-        own_and_pool = {row["image_id"] for row in train_rows} | set(pool)
-        image_files = {i: source.image_path(images[i]["file_name"]) for i in sorted(own_and_pool)}
-        cache_dir = self.config.embed_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings")
-        columns, self.provenance = mine_refs(
-            train_rows,
-            image_files=image_files,
-            pool_image_ids=pool,
-            embedder=embedder,
-            params=params,
-            cache_dir=cache_dir,
-        )
+        job = self._mining_job(source, train_rows)
+        columns, self.provenance = mine_refs(train_rows, **job)
         with progress.stage("select", self.provenance["sentences"]) as bar:
             bar.update(self.provenance["sentences"])
         # The vectors the rule saw (cache hits now), so a folder can show and re-check its negatives.
+        embedder, image_files, cache_dir = job["embedder"], job["image_files"], job["cache_dir"]
         sentences = [(s["sent_id"], s["sent"], row["image_id"]) for row in train_rows for s in row["sentences"]]
         self.embeddings = MiningEmbeddings(
             image_ids=list(image_files),
@@ -163,6 +143,49 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
             negatives, scores, fallback = columns[row["ref_id"]]
             mined.append({**row, "negatives": negatives, "negative_scores": scores, "negative_fallback": fallback})
         return mined
+
+    def embed_mining_share(self, ranks) -> dict[str, int]:
+        """Under several processes (``nemo_hf.distributed``): this rank's share of the embeddings this
+        config's mining needs, into the shared embedding cache. Returns how many of each kind it embedded."""
+        from nemo_hf.mine import embed_share
+
+        source = open_source(self.config.source_root, self.config.image_dir)
+        train_rows = source.rows(self.config.name)[0][TRAIN_SPLIT]
+        if not (self.config.mine and train_rows and self.config.name in REFS_CONFIGS):
+            return {}
+        job = self._mining_job(source, train_rows)
+        del job["params"]
+        return embed_share(train_rows, ranks=ranks, **job)
+
+    def _mining_job(self, source, train_rows: list[dict]) -> dict:
+        """``mine_refs``'s arguments after the refs: images, pool, embedder, params, cache."""
+        from nemo_hf.embed import Embedder, demo_embedder
+        from nemo_hf.mine import MiningParams
+
+        tau = self.config.tau
+        params = MiningParams(
+            tau=tau if isinstance(tau, float) or str(tau).startswith("p") else float(tau),
+            top_k=int(self.config.top_k),
+            mode=self.config.mode,
+            index=self.config.index,
+        )
+        batch_size = int(self.config.embed_batch_size)
+        if self.config.model == DEMO_MODEL:
+            embedder = demo_embedder(batch_size=batch_size)
+        else:
+            embedder = Embedder.from_pretrained(self.config.model, revision=self.config.model_revision,
+                                                batch_size=batch_size)
+        images = source.instances(self.config.name).images
+        pool = source.training_pool(self.config.name)
+        own_and_pool = {row["image_id"] for row in train_rows} | set(pool)
+        return {
+            "image_files": {i: source.image_path(images[i]["file_name"]) for i in sorted(own_and_pool)},
+            "pool_image_ids": pool,
+            "embedder": embedder,
+            "params": params,
+            "cache_dir": self.config.embed_cache_dir
+            or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings"),
+        }
 
     def _generate_examples(self, rows=None, source=None):
         if source is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
 
 from . import __version__
+from .distributed import RankFailure
 from .refer import ReferFormatError
 from .schema import config_name
 
@@ -109,6 +110,7 @@ def cmd_build(args) -> int:
         mode=args.mode,
         index=args.index,
         embed_cache_dir=args.embed_cache_dir,
+        embed_batch_size=args.embed_batch_size,
     )
     configs = _configs(args.dataset or ["refcoco"], args.split_by or [])
     demo = mining is not None and mining.model == DEMO_MODEL
@@ -273,9 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", choices=["i2i", "t2i"], default="i2i",
                    help="what tau bounds: image-to-image similarity to the target's image (i2i, default) "
                    "or the sentence's similarity to the negative (t2i)")
-    b.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat",
-                   help="flat: exact search (default); ivf / hnsw: approximate FAISS indexes for pools far larger than COCO")
-    b.add_argument("--embed-cache-dir", help="embedding cache (default <HF datasets cache>/nemo_hf_embeddings)")
+    b.add_argument("--index", choices=["flat", "ivf", "ivfpq", "hnsw"], default="flat",
+                   help="flat: exact search (default); ivf / ivfpq / hnsw: approximate FAISS indexes for pools of "
+                   "millions (ivfpq: 64-byte codes an image, candidates re-scored exactly)")
+    b.add_argument("--embed-cache-dir", help="embedding cache (default <HF datasets cache>/nemo_hf_embeddings); "
+                   "under several nodes, a folder all of them see")
+    b.add_argument("--embed-batch-size", type=_positive, default=64, help="images or sentences per model forward")
     b.add_argument("--no-mining", action="store_true", help="leave the negative columns empty")
     b.add_argument("--demo-images", type=_positive, default=48, help="images in the synthetic demo source (default 48)")
     b.add_argument("--seed", type=_non_negative, default=0, help="seed of the synthetic demo source (default 0)")
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         return args.func(args)
-    except (ReferFormatError, ValueError, OSError) as err:  # ModelLoadError is an OSError
+    except (ReferFormatError, ValueError, OSError, RankFailure) as err:  # ModelLoadError is an OSError
         print(f"nemo-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

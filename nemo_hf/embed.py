@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import uuid
 import warnings
@@ -29,6 +30,7 @@ from nemo_hf import __version__, progress
 from nemo_hf.pixels import to_8bit
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+_LOG = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
@@ -121,6 +123,17 @@ class EmbeddingCache:
                 found.setdefault(key, vector)
         return found
 
+    def keys(self) -> set[str]:
+        """The keys present, read without their vectors (unreadable chunks count as absent)."""
+        present: set[str] = set()
+        for chunk in sorted(self.directory.glob("chunk-*.npz")):
+            try:
+                with np.load(chunk, allow_pickle=False) as data:
+                    present.update(data["keys"].tolist())
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                continue  # load() drops it and its embeddings are recomputed
+        return present
+
     def append(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         if not len(keys):
             return
@@ -164,7 +177,11 @@ def _worker_init(_: int) -> None:
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """This process's cores: its affinity, shared with the other processes a launcher started on the node."""
+    from .distributed import local_processes
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_processes())
 
 
 class Embedder:
@@ -278,38 +295,76 @@ class Embedder:
         self, images: Sequence[tuple[int, str | Path | bytes]], cache_dir: str | Path | None = None
     ) -> np.ndarray:
         """(n, dim) float32 for ``(image_id, file path or encoded bytes)`` pairs, in their order."""
-        items = [(int(image_id), source) for image_id, source in images]
-        return self._embed("image", [str(i) for i, _ in items], items, self._image_batches, cache_dir)
+        return self._embed(*self._image_job(images), cache_dir)
 
     def embed_texts(self, texts: Sequence[tuple[int, str]], cache_dir: str | Path | None = None) -> np.ndarray:
         """(n, dim) float32 for ``(sent_id, text)`` pairs, in their order; cached per id and text."""
+        return self._embed(*self._text_job(texts), cache_dir)
+
+    def embed_share(
+        self,
+        images: Sequence[tuple[int, str | Path | bytes]],
+        texts: Sequence[tuple[int, str]],
+        cache_dir: str | Path,
+        ranks,
+    ) -> dict[str, int]:
+        """Under several processes: this rank's share of the ``images`` and ``texts`` that ``cache_dir``
+        lacks, embedded into it. Returns how many of each kind this rank embedded.
+
+        ``ranks``: a ``nemo_hf.distributed.Ranks``. Per kind, every rank lists the cache, all meet (so
+        all see the same list: nobody writes before everyone has listed), each embeds its contiguous
+        block of what is missing, and all meet again. ``cache_dir`` must be one folder every rank
+        sees (shared storage across nodes); afterwards ``embed_images``/``embed_texts`` on any rank
+        read everything from it.
+        """
+        embedded = {}
+        for kind, keys, items, batches in (self._image_job(images), self._text_job(texts)):
+            cache = self._open_cache(kind, cache_dir)
+            present = cache.keys()
+            ranks.barrier(f"listing the {kind} embedding cache")
+            todo = _missing(keys, present)
+            if kind == "text" and todo:  # split in the order the batches are made, so they are a single process's
+                todo = [todo[i] for i in self._by_length([items[i][1] for i in todo])]
+            mine = [todo[i] for i in ranks.share(len(todo), self.batch_size)]
+            _LOG.info("rank %d embeds %d of the %d %ss missing from the cache", ranks.rank, len(mine), len(todo), kind)
+            self._compute(kind, keys, items, batches, mine, cache, None)
+            ranks.barrier(f"embedding {kind}s")
+            embedded[kind] = len(mine)
+        return embedded
+
+    def _image_job(self, images) -> tuple[str, list[str], list, Callable]:
+        items = [(int(image_id), source) for image_id, source in images]
+        return "image", [str(i) for i, _ in items], items, self._image_batches
+
+    def _text_job(self, texts) -> tuple[str, list[str], list, Callable]:
         items = [(int(sent_id), str(text)) for sent_id, text in texts]
         keys = [f"{i}:{hashlib.sha256(t.encode()).hexdigest()[:16]}" for i, t in items]
-        return self._embed("text", keys, items, self._text_batches, cache_dir)
+        return "text", keys, items, self._text_batches
+
+    def _open_cache(self, kind: str, cache_dir: str | Path) -> EmbeddingCache:
+        meta = self.cache_key(kind)
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+        return EmbeddingCache(Path(cache_dir) / f"{kind}-{digest}", meta)
 
     def _embed(self, kind: str, keys: list[str], items: list, batches: Callable, cache_dir) -> np.ndarray:
-        cache = None
-        found: dict[str, np.ndarray] = {}
-        if cache_dir is not None:
-            meta = self.cache_key(kind)
-            digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-            cache = EmbeddingCache(Path(cache_dir) / f"{kind}-{digest}", meta)
-            found = cache.load()
-        first: dict[str, int] = {}
-        for index, key in enumerate(keys):
-            if key not in found:
-                first.setdefault(key, index)
-        todo = list(first.values())
+        cache = None if cache_dir is None else self._open_cache(kind, cache_dir)
+        found = {} if cache is None else cache.load()
+        self._compute(kind, keys, items, batches, _missing(keys, found), cache, found)
+        return self._stack(found, keys)
+
+    def _compute(self, kind: str, keys, items, batches: Callable, todo: list[int], cache, found: dict | None) -> None:
+        """Embed ``items[todo]`` into ``cache`` (chunk by chunk) and ``found`` (when given)."""
+        if not todo:
+            return
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
-        if not todo:
-            return self._stack(found, keys)
         try:
             stage_name = "embed images" if kind == "image" else "embed sentences"
             with self._thread_budget(), progress.stage(stage_name, len(todo), disable=not self.progress) as bar:
                 for indices, vectors in batches([items[i] for i in todo], todo):
                     for index, vector in zip(indices, vectors):
-                        found[keys[index]] = vector
+                        if found is not None:
+                            found[keys[index]] = vector
                         pending_keys.append(keys[index])
                     pending.append(vectors)
                     bar.update(len(indices))
@@ -319,7 +374,6 @@ class Embedder:
         finally:  # what was computed survives an interruption
             if cache is not None and pending_keys:
                 cache.append(pending_keys, np.concatenate(pending))
-        return self._stack(found, keys)
 
     def _stack(self, found: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
         if not keys:
@@ -351,11 +405,14 @@ class Embedder:
             yield indices[start : start + len(pixels)], _normalised(out)
             start += len(pixels)
 
+    def _by_length(self, texts: list[str]) -> np.ndarray:
+        """The order texts are batched in: by token count (similar lengths together: little padding)."""
+        tokens = self.tokenizer(texts, truncation=True, max_length=self.text_max_length)["input_ids"]
+        return np.argsort([len(ids) for ids in tokens], kind="stable")
+
     def _text_batches(self, items: list, indices: list[int]) -> Iterator[tuple[list[int], np.ndarray]]:
         texts = [text for _, text in items]
-        tokens = self.tokenizer(texts, truncation=True, max_length=self.text_max_length)["input_ids"]
-        lengths = [len(ids) for ids in tokens]
-        order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
+        order = self._by_length(texts)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             tokens = self.tokenizer(
@@ -369,6 +426,15 @@ class Embedder:
             with torch.inference_mode():
                 out = self.model.get_text_features(**inputs)
             yield [indices[i] for i in batch], _normalised(out)
+
+
+def _missing(keys: list[str], present) -> list[int]:
+    """The first position of each key not in ``present``, in order."""
+    first: dict[str, int] = {}
+    for index, key in enumerate(keys):
+        if key not in present:
+            first.setdefault(key, index)
+    return list(first.values())
 
 
 def _normalised(out) -> np.ndarray:

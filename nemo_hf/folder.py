@@ -59,6 +59,7 @@ class MiningOptions:
     mode: str = "i2i"
     index: str = "flat"
     embed_cache_dir: str | None = None
+    embed_batch_size: int = 64
 
 
 @dataclass
@@ -121,10 +122,50 @@ def build_folder(
     """Build ``configs`` (plus ``images``) from a refer source into ``out_dir``; returns ``out_dir``.
 
     ``mining=None`` leaves the negative columns empty. An existing ``out_dir`` is replaced only if it
-    is an earlier build (else `OutFolderError`, and nothing is touched).
+    is an earlier build (else `OutFolderError`, and nothing is touched). Under a launcher
+    (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) every rank embeds its share into the
+    shared embedding cache, then rank 0 alone selects and writes the folder while the others wait for
+    it (``nemo_hf.distributed``).
     """
+    from .distributed import launched
+
+    if mining is not None and launched():
+        return _build_on_ranks(source_root, out_dir, configs, image_dir, mining, max_shard_size)
     with progress.build_stages():
         return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size)
+
+
+def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOptions, max_shard_size) -> Path:
+    """Every rank embeds its share (per config, in turn), then rank 0 builds from the full cache."""
+    import tempfile
+
+    from nemo_hf_builders.nemo_refcoco import NemoRefcoco
+
+    from .distributed import launched_ranks
+
+    source = open_source(source_root, image_dir)
+    _check_no_overlap(Path(out_dir).expanduser().resolve(), source)
+    _check_replaceable(Path(out_dir).expanduser().resolve())  # fail before embedding; rank 0 checks again, locked
+    configs = resolve_configs(source.root, list(configs))
+    for config in configs:
+        source.require(config)
+    with launched_ranks() as ranks, tempfile.TemporaryDirectory(prefix="nemo_hf_rank_") as scratch:
+        for config in configs:
+            builder = NemoRefcoco(config_name=config, source=str(source.root), image_dir=str(source.image_dir),
+                                  cache_dir=scratch, mine=True, **asdict(mining))
+            embedded = builder.embed_mining_share(ranks)
+            logger.info("rank %d embedded %s for %s", ranks.rank, embedded, config)
+        if not ranks.is_main:
+            ranks.wait_for_main()
+            return Path(out_dir).expanduser().resolve()
+        try:
+            with progress.build_stages():
+                out = _build_folder(source.root, out_dir, configs, image_dir, mining, max_shard_size)
+        except BaseException as err:
+            ranks.main_done(f"{type(err).__name__}: {err}")
+            raise
+        ranks.main_done(None)
+        return out
 
 
 def _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size) -> Path:

@@ -213,6 +213,48 @@ class RefNegatives(NamedTuple):
     fallback: list[bool]
 
 
+class _MiningInputs(NamedTuple):
+    """What a config's mining embeds: its training sentences and the images they and the pool need."""
+
+    sent_ids: list[int]
+    texts: list[str]
+    own_image_ids: list[int]
+    pool_ids: np.ndarray
+    image_ids: np.ndarray  # sorted: the pool and every sentence's own image
+
+    @classmethod
+    def of(cls, train_refs, image_files, pool_image_ids) -> _MiningInputs:
+        ref_ids: set[int] = set()
+        sent_ids: list[int] = []
+        texts: list[str] = []
+        own_image_ids: list[int] = []
+        for ref in train_refs:
+            ref_id = int(ref["ref_id"])
+            if ref_id in ref_ids:
+                raise ValueError(f"ref {ref_id} appears twice in train_refs")
+            ref_ids.add(ref_id)
+            if not ref["sentences"]:
+                raise ValueError(f"ref {ref_id} has no sentences")
+            for sentence in ref["sentences"]:
+                sent_ids.append(int(sentence["sent_id"]))
+                texts.append(str(sentence["sent"]))
+                own_image_ids.append(int(ref["image_id"]))
+        if not sent_ids:
+            raise ValueError("train_refs is empty: there is nothing to mine")
+        pool_ids = np.unique(np.asarray(pool_image_ids, dtype=np.int64))
+        image_ids = np.unique(np.concatenate([pool_ids, np.asarray(own_image_ids, dtype=np.int64)]))
+        missing = [int(i) for i in image_ids if int(i) not in image_files]
+        if missing:
+            raise KeyError(f"image_files lacks {len(missing)} image(s) needed for mining, e.g. image id {missing[0]}")
+        return cls(sent_ids, texts, own_image_ids, pool_ids, image_ids)
+
+    def images(self, image_files) -> list[tuple[int, str | Path | bytes]]:
+        return [(int(i), image_files[int(i)]) for i in self.image_ids]
+
+    def sentences(self) -> list[tuple[int, str]]:
+        return list(zip(self.sent_ids, self.texts))
+
+
 def mine_refs(
     train_refs: Sequence[Mapping],
     image_files: Mapping[int, str | Path | bytes],
@@ -230,31 +272,11 @@ def mine_refs(
     provenance dict for the build manifest: everything the result depends on (model identity,
     embedding dtype and preprocessing, the params, the resolved tau) and its counts.
     """
-    ref_ids: set[int] = set()
-    sent_ids: list[int] = []
-    texts: list[str] = []
-    own_image_ids: list[int] = []
-    for ref in train_refs:
-        ref_id = int(ref["ref_id"])
-        if ref_id in ref_ids:
-            raise ValueError(f"ref {ref_id} appears twice in train_refs")
-        ref_ids.add(ref_id)
-        if not ref["sentences"]:
-            raise ValueError(f"ref {ref_id} has no sentences")
-        for sentence in ref["sentences"]:
-            sent_ids.append(int(sentence["sent_id"]))
-            texts.append(str(sentence["sent"]))
-            own_image_ids.append(int(ref["image_id"]))
-    if not sent_ids:
-        raise ValueError("train_refs is empty: there is nothing to mine")
-    pool_ids = np.unique(np.asarray(pool_image_ids, dtype=np.int64))
-    image_ids = np.unique(np.concatenate([pool_ids, np.asarray(own_image_ids, dtype=np.int64)]))
-    missing = [int(i) for i in image_ids if int(i) not in image_files]
-    if missing:
-        raise KeyError(f"image_files lacks {len(missing)} image(s) needed for mining, e.g. image id {missing[0]}")
-    image_emb = embedder.embed_images([(int(i), image_files[int(i)]) for i in image_ids], cache_dir=cache_dir)
-    text_emb = embedder.embed_texts(list(zip(sent_ids, texts)), cache_dir=cache_dir)
-    text_image_row = np.searchsorted(image_ids, own_image_ids)
+    inputs = _MiningInputs.of(train_refs, image_files, pool_image_ids)
+    image_ids, pool_ids = inputs.image_ids, inputs.pool_ids
+    image_emb = embedder.embed_images(inputs.images(image_files), cache_dir=cache_dir)
+    text_emb = embedder.embed_texts(inputs.sentences(), cache_dir=cache_dir)
+    text_image_row = np.searchsorted(image_ids, inputs.own_image_ids)
     pool_rows = np.searchsorted(image_ids, pool_ids)
     selection = select_negatives(text_emb, text_image_row, image_emb, pool_rows, params)
 
@@ -279,10 +301,24 @@ def mine_refs(
         **asdict(params),
         "tau_cosine": selection.tau,
         "pool_size": len(pool_ids),
-        "sentences": len(sent_ids),
+        "sentences": len(inputs.sent_ids),
         "fallback_sentences": selection.n_fallback,
     }
     return columns, provenance
+
+
+def embed_share(
+    train_refs: Sequence[Mapping],
+    image_files: Mapping[int, str | Path | bytes],
+    pool_image_ids: Sequence[int],
+    embedder,
+    cache_dir: str | Path,
+    ranks,
+) -> dict[str, int]:
+    """Under several processes: this rank's share of the embeddings ``mine_refs`` will need, computed
+    into the shared ``cache_dir`` (``Embedder.embed_share``); ``mine_refs`` on rank 0 then reads them all."""
+    inputs = _MiningInputs.of(train_refs, image_files, pool_image_ids)
+    return embedder.embed_share(inputs.images(image_files), inputs.sentences(), cache_dir, ranks)
 
 
 def _unit_rows(emb: np.ndarray, name: str) -> np.ndarray:

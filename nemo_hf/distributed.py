@@ -1,0 +1,145 @@
+"""Mining on several processes (``torchrun``, ``accelerate launch``; one node or many).
+
+A launcher sets ``WORLD_SIZE``/``RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``); each rank then embeds
+its share of what the shared embedding cache lacks, and rank 0 alone selects the negatives and writes
+the folder. Ranks meet only at a few barriers, on a gloo group whatever the device (NCCL cannot say
+which rank is missing): a rank that died is named there, within ``NEMO_HF_DIST_TIMEOUT`` seconds
+(default 1800; a killed process is usually seen at once, through its closed connections) instead of
+the job hanging until the launcher's or NCCL's own timeout. torch is imported only when ranks meet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+TIMEOUT_ENV = "NEMO_HF_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800
+_MAIN_WAIT = datetime.timedelta(days=7)  # the others wait out rank 0's selection and writing, however long
+_FAILED_RANKS = re.compile(r"Ranks? ([\d, ]+) failed")
+_LOG = logging.getLogger(__name__)
+
+
+class RankFailure(RuntimeError):
+    """Another rank died or stopped answering; the message names it when this rank can know which."""
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_processes() -> int:
+    """How many processes the launcher started on this node (they share its cores)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@dataclass
+class Ranks:
+    """This process's place among the ranks, and the meeting points between them."""
+
+    rank: int
+    world: int
+    group: object  # a gloo ProcessGroup: barriers with the failure timeout
+    main_group: object  # a gloo ProcessGroup: the wait for rank 0's folder
+    timeout: datetime.timedelta
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int, batch: int = 1) -> np.ndarray:
+        """This rank's positions among ``n`` items: a contiguous block of whole ``batch``-sized batches,
+        the ranks' counts of batches within one of each other (so every batch holds the items a single
+        process would batch together, and the embeddings are bit for bit the same)."""
+        batches = -(-n // batch)
+        bounds = np.minimum(np.linspace(0, batches, self.world + 1).round().astype(np.int64) * batch, n)
+        return np.arange(bounds[self.rank], bounds[self.rank + 1])
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank to reach ``what``; a rank that died or hangs is named (on rank 0)."""
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as err:
+            raise self._failure(what, err) from err
+
+    def main_done(self, error: str | None) -> None:
+        """Rank 0: tell the waiting ranks that the folder is written, or why it is not."""
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([error], src=0, group=self.main_group)
+
+    def wait_for_main(self) -> None:
+        """Ranks > 0: wait until rank 0 has written the folder; raise if it failed."""
+        import torch.distributed as dist
+
+        outcome = [None]
+        try:
+            dist.broadcast_object_list(outcome, src=0, group=self.main_group)
+        except RuntimeError as err:
+            raise RankFailure(f"rank {self.rank}: lost rank 0 while it was writing the folder ({_first_line(err)})") from err
+        if outcome[0] is not None:
+            raise RankFailure(f"rank {self.rank}: rank 0 failed to write the folder: {outcome[0]}")
+
+    def _failure(self, what: str, err: RuntimeError) -> RankFailure:
+        found = _FAILED_RANKS.search(str(err))
+        resume = "the embeddings already computed are cached: run the same command again to resume"
+        if found:
+            failed = found.group(1).strip()
+            return RankFailure(
+                f"rank {failed} of {self.world} did not reach the barrier after {what} within "
+                f"{self.timeout.total_seconds():.0f} s ({TIMEOUT_ENV}): it died or hangs; {resume}"
+            )
+        return RankFailure(
+            f"rank {self.rank}: lost contact with the other ranks after {what} (rank 0 names a failed rank; "
+            f"{_first_line(err)}); {resume}"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _timeout() -> datetime.timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the barrier timeout in seconds (> 0)")
+    return datetime.timedelta(seconds=seconds)
+
+
+@contextlib.contextmanager
+def launched_ranks() -> Iterator[Ranks]:
+    """The ranks of this launch: the process group is created (NCCL on GPU, gloo on CPU) unless the
+    caller made one already (accelerate's ``PartialState``, its own ``init_process_group``), and is
+    destroyed afterwards only if created here. Each rank then uses GPU ``LOCAL_RANK``."""
+    import torch
+    import torch.distributed as dist
+
+    timeout = _timeout()
+    created = not dist.is_initialized()
+    if created:
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=max(timeout, datetime.timedelta(minutes=30)))
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    main_group = dist.new_group(backend="gloo", timeout=_MAIN_WAIT)
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), group, main_group, timeout)
+    _LOG.info("rank %d of %d (%s)", ranks.rank, ranks.world, dist.get_backend())
+    yield ranks
+    # Reached only when this rank succeeded: after a failure the process exits, peers may be gone.
+    if created:
+        dist.destroy_process_group()
