@@ -13,19 +13,28 @@ seventh of the product here), FAISS's top-k heap, and the fallbacks. Peak memory
 RSS (``resource.getrusage``), which includes the inputs.
 
     python bench/bench_search.py [--images 20000] [--sentences 140000] [--dim 512]
+
+``--indexes flat,ivf,ivfpq`` instead compares the indexes on one pool (i2i, top-20): each runs in a
+forked child, which reports the index build time, the selection's time after it, the index's RSS, the
+child's peak RSS above the parent's at the fork (what the selection adds to the inputs), and recall@20
+against the flat (exact) selection: the share of the exact negatives the index also chose.
+
+    python bench/bench_search.py --images 1000000 --sentences 2000 --indexes flat,ivf,ivfpq
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from nemo_hf.mine import MiningParams, select_negatives
+from nemo_hf.mine import MiningParams, _approximate_index, select_negatives
 
 
 def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 0):
@@ -37,7 +46,11 @@ def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 
     cluster = rng.choice(n_clusters, size=n_images, p=sizes / sizes.sum())
     centers = _unit(rng.standard_normal((n_clusters, dim)))
     tightness = rng.uniform(0.35, 0.8, n_clusters)[cluster, None]
-    image = _unit(0.6 * shared + tightness * centers[cluster] + 0.5 * _unit(rng.standard_normal((n_images, dim))))
+    image = np.empty((n_images, dim), dtype=np.float32)
+    for start in range(0, n_images, 65536):  # in blocks: 1M x 512 float64 temporaries would take GBs
+        part = slice(start, start + 65536)
+        noise = _unit(rng.standard_normal((len(cluster[part]), dim), dtype=np.float32))
+        image[part] = _unit(0.6 * shared + tightness[part] * centers[cluster[part]] + 0.5 * noise)
     own = rng.integers(0, n_images, n_sentences)
     text = np.empty((n_sentences, dim), dtype=np.float32)
     for start in range(0, n_sentences, 16384):
@@ -65,20 +78,72 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+_INPUTS: tuple = ()  # set before forking: the children read the parent's arrays without a copy
+
+
+def _run_index(index: str) -> dict:
+    text, own, image, pool = _INPUTS
+    params = MiningParams(index=index)
+    start_rss = current_rss_gb()
+    built, index_bytes, faiss_index = 0.0, len(pool) * image.shape[1] * 4, None  # flat: reads the pool embeddings
+    if index != "flat":
+        start = time.perf_counter()
+        faiss_index = _approximate_index(image[np.sort(pool)], params)
+        built = time.perf_counter() - start
+        index_bytes = (current_rss_gb() - start_rss) * 2**30  # what the index holds once built
+    start = time.perf_counter()
+    selection = select_negatives(text, own, image, pool, params, index=faiss_index)
+    seconds = time.perf_counter() - start
+    return {
+        "build": built, "search": seconds, "index_bytes": index_bytes, "rss_added": peak_rss_gb() - start_rss,
+        "offsets": selection.offsets, "rows": selection.rows,
+    }
+
+
+def compare_indexes(text, own, image, pool, indexes: list[str]) -> None:
+    global _INPUTS
+    _INPUTS = (text, own, image, pool)
+    results = {}
+    for index in ["flat"] + [i for i in indexes if i != "flat"]:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
+            results[index] = child.submit(_run_index, index).result()
+    exact = results["flat"]
+    print("index | build s | selection s (after the build) | index MB (RSS) | peak RSS added GB | recall@20 vs flat")
+    for index, r in results.items():
+        hits = [
+            len(np.intersect1d(exact["rows"][exact["offsets"][i] : exact["offsets"][i + 1]],
+                               r["rows"][r["offsets"][i] : r["offsets"][i + 1]]))
+            / max(1, exact["offsets"][i + 1] - exact["offsets"][i])
+            for i in range(len(text))
+        ]
+        print(f"{index} | {r['build']:.1f} | {r['search']:.1f} | {r['index_bytes'] / 2**20:.0f} | "
+              f"{r['rss_added']:.2f} | {np.mean(hits):.4f} (min {np.min(hits):.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--sentences", type=int, default=140_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--modes", default="i2i,t2i")
+    parser.add_argument("--indexes", help="compare these indexes (comma-separated) against flat instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="  %(name)s: %(message)s")
 
+    start = time.perf_counter()
     text, own, image = clustered_embeddings(args.images, args.sentences, args.dim)
     pool = np.arange(args.images)
     cores = len(os.sched_getaffinity(0))
     print(f"{args.sentences} sentences x {args.images} pool images, d={args.dim}; {cores} cores (BLAS: all)")
-    print(f"inputs ready, peak RSS so far {peak_rss_gb():.2f} GB")
+    print(f"inputs ready in {time.perf_counter() - start:.0f} s, RSS {current_rss_gb():.2f} GB")
+    if args.indexes:
+        compare_indexes(text, own, image, pool, args.indexes.split(","))
+        return
     # The machine may be shared: the floor is taken before and after the selections, and averaged.
     floor_before = dense_product_seconds(text, image)
     timings = {}

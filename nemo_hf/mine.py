@@ -13,8 +13,9 @@ Exact search is the default: each sentence's scores against the whole pool are c
 FAISS's heap selection (``faiss.kmax``) takes the first ``top_k`` of what is left. FAISS's own
 ``IndexFlatIP.search`` cannot do this: its ID filter is one set per call, not one per sentence, so it
 would need lists deep enough to outlast the filter, and a sentence deep in a cluster of its image's
-near-duplicates needs hundreds. IVF and HNSW indexes are options for pools far larger than COCO:
-their top lists are filtered here, and the few sentences they leave short get the exact treatment.
+near-duplicates needs hundreds. IVF, IVF-PQ and HNSW indexes are options for pools far larger than
+COCO (on the GPUs when faiss-gpu sees any; HNSW stays on CPU): their top lists are re-scored exactly
+and filtered here, and the few sentences they leave short get the exact treatment.
 Scores are float32 dot products and ties go to the lower image row, so the result equals the rule
 computed in any other way up to the order of candidates whose cosines agree within float32 rounding.
 """
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -38,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from nemo_hf import __version__
 
 MODES = ("i2i", "t2i")
-INDEXES = ("flat", "ivf", "hnsw")
+INDEXES = ("flat", "ivf", "ivfpq", "hnsw")
 _PERCENTILE = re.compile(r"p(\d+(?:\.\d+)?)")
 _LOG = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ class MiningParams:
       sentence-image pairs for ``t2i``), estimated on a seeded sample of ``sample_pairs`` pairs.
     - ``top_k``: how many survivors each sentence keeps (the loader samples 3 of them per epoch).
     - ``mode``: ``"i2i"`` or ``"t2i"``, which similarity ``tau`` bounds.
-    - ``index``: ``"flat"`` exact search over every pool image (module docstring); ``"ivf"`` or
+    - ``index``: ``"flat"`` exact search over every pool image (module docstring); ``"ivf"``,
+      ``"ivfpq"`` (product-quantised codes: ~64 bytes an image for 512 dims instead of 2 KB) or
       ``"hnsw"`` approximate FAISS indexes for pools far larger than COCO (sentences left short by them
       are finished on their exact whole-pool scores, so fallbacks stay exact).
     - ``seed``: the percentile sample and the IVF training.
@@ -134,6 +137,7 @@ def select_negatives(
     pool_rows: np.ndarray,
     params: MiningParams = MiningParams(),
     threads: int | None = None,
+    index: faiss.Index | None = None,
 ) -> Selection:
     """Apply the NeMo rule (module docstring) to every sentence.
 
@@ -142,7 +146,10 @@ def select_negatives(
     sentence's own image is never its own negative, whether or not it is in the pool). ``threads``
     (default: the cores this process may use) is how many blocks of exact scores are worked on at
     once, each on one BLAS and one FAISS thread (cache-sized blocks, no thread hand-offs inside a
-    block), and FAISS's OpenMP thread count for an approximate index.
+    block), and FAISS's OpenMP thread count for an approximate index. ``index``: a FAISS index of
+    the kind ``params.index`` names, already built over ``image_emb[np.sort(pool_rows)]`` in that
+    order (building one over millions of images takes minutes: build once, e.g. ``faiss.read_index``);
+    built here when None.
     """
     text = _unit_rows(text_emb, "text_emb")
     image = _unit_rows(image_emb, "image_emb")
@@ -166,7 +173,13 @@ def select_negatives(
         sentences = np.arange(len(text))
         if params.index != "flat":
             faiss.omp_set_num_threads(threads)
-            sentences = rule.search(_approximate_index(rule.pool_emb, params), sentences)
+            if index is None:
+                start = time.perf_counter()
+                index = _approximate_index(rule.pool_emb, params)
+                _LOG.info("%s over %d images built in %.1f s", type(index).__name__, index.ntotal, time.perf_counter() - start)
+            elif (index.ntotal, index.d) != rule.pool_emb.shape:
+                raise ValueError(f"index holds {index.ntotal} vectors of {index.d} dims; the pool {rule.pool_emb.shape}")
+            sentences = rule.search(index, sentences)
         faiss.omp_set_num_threads(1)
         rule.whole_pool(sentences, threads)
     finally:
@@ -350,25 +363,62 @@ def _sample(rng: np.random.Generator, population: np.ndarray, size: int) -> np.n
 
 
 def _approximate_index(pool_emb: np.ndarray, params: MiningParams) -> faiss.Index:
-    """An IVF or HNSW inner-product index over the pool, for pools far larger than COCO."""
+    """An IVF, IVF-PQ or HNSW inner-product index over the pool, for pools far larger than COCO.
+
+    IVF and IVF-PQ: sqrt(n) lists, trained on a seeded sample of the pool (40 points a list, at least
+    10k) so that training stays minutes at 100M images, an eighth of the lists probed (at least 32).
+    IVF-PQ's codes: one byte per 8 dimensions (64 bytes for 512-d; fewer bits on small pools).
+    """
     n, d = pool_emb.shape
-    if params.index == "ivf":
-        nlist = int(np.clip(4 * math.sqrt(n), 1, max(1, n // 39)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = params.seed
-        index.train(pool_emb)
-        index.nprobe = min(nlist, max(32, nlist // 8))
-    else:
+    if params.index == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
+        index.add(pool_emb)
+        return index
+    quantizer = faiss.IndexFlatIP(d)
+    nlist = int(np.clip(math.sqrt(n), 1, max(1, n // 39)))
+    if params.index == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        bits = int(np.clip(math.log2(max(n, 2) / 39), 1, 8))  # k-means wants 39 points a centroid
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, _subquantizers(d), bits, faiss.METRIC_INNER_PRODUCT)
+        index.pq.cp.seed = params.seed
+    index.cp.seed = params.seed
+    train = pool_emb[_sample(np.random.default_rng(params.seed), np.arange(n), max(40 * nlist, 10_000))]
+    nprobe = min(nlist, max(32, nlist // 8))
+    index = _on_gpus(index)
+    index.train(train)
     index.add(pool_emb)
+    space = faiss.ParameterSpace() if _is_cpu(index) else faiss.GpuParameterSpace()
+    space.set_index_parameter(index, "nprobe", nprobe)
     return index
+
+
+def _subquantizers(d: int) -> int:
+    """PQ sub-quantizers: the most that divide ``d`` with at least 8 dimensions each (64 for 512-d)."""
+    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
+
+
+def _on_gpus(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` on every GPU faiss-gpu sees (IVF-PQ lookup tables in fp16, which 64
+    sub-quantizers need); ``index`` itself without faiss-gpu or GPUs."""
+    if not hasattr(faiss, "GpuMultipleClonerOptions") or faiss.get_num_gpus() == 0:
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = True
+    _LOG.info("FAISS index on %d GPU(s)", faiss.get_num_gpus())
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def _is_cpu(index: faiss.Index) -> bool:
+    return not type(index).__name__.startswith(("Gpu", "IndexShards", "IndexReplicas"))
 
 
 class _RuleSearch:
     """The rule on whole-pool score rows (exact), or on an approximate index's top lists.
 
-    Lists are ``first_depth`` long, then ``widen`` times longer for the sentences whose list held
+    Lists are ``first_depth`` long (four times that from PQ codes, which order a list only roughly
+    before it is re-scored exactly), then ``widen * first_depth`` for the sentences whose list held
     fewer than ``top_k`` survivors; sentences still short get their whole score row, which also
     settles the fallback. Lists are searched ``batch_entries`` (sentence, candidate) pairs at a time,
     score rows ``block_bytes`` of float32 at a time. The i2i filter is computed along a list only as
@@ -381,7 +431,8 @@ class _RuleSearch:
         self.text, self.own_rows, self.image, self.pool, self.tau = text, own_rows, image, pool, tau
         self.k, self.mode = params.top_k, params.mode
         self.first_depth = 4 * self.k + 16
-        self.pool_emb = np.ascontiguousarray(image[pool])
+        self.depths = (self.first_depth * (4 if params.index == "ivfpq" else 1), self.widen * self.first_depth)
+        self.pool_emb = image if len(pool) == len(image) else np.ascontiguousarray(image[pool])  # pool: sorted
         position = np.full(len(image), -1, dtype=np.int64)
         position[pool] = np.arange(len(pool))
         self.own_pos = position[own_rows]  # -1: the own image is outside the pool
@@ -400,7 +451,7 @@ class _RuleSearch:
     def search(self, index: faiss.Index, sentences: np.ndarray) -> np.ndarray:
         """Decide the sentences whose lists from ``index`` hold ``top_k`` survivors; return the others."""
         todo = sentences[np.argsort(self.own_rows[sentences], kind="stable")]  # same image together
-        for depth in (self.first_depth, self.widen * self.first_depth):
+        for depth in self.depths:
             depth = min(depth, index.ntotal)
             if not todo.size:
                 break
@@ -412,12 +463,25 @@ class _RuleSearch:
         return todo
 
     def _lists(self, index: faiss.Index, sent: np.ndarray, depth: int) -> np.ndarray:
-        score, pos = index.search(self.text[sent], depth)
+        score, pos = self._rescored(sent, index.search(self.text[sent], depth)[1])
         valid = (pos >= 0) & (pos != self.own_pos[sent, None])
         keep = valid & ~self._dropped_along(sent, score, pos, valid)
         done = keep.sum(axis=1) >= self.k
         self._record(sent[done], score[done], pos[done], keep[done])
         return sent[~done]
+
+    def _rescored(self, sent: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A list's exact float32 cosines (PQ codes and GPU fp16 only approximate them), re-ranked by
+        score then position; empty slots (-1) last, at -inf."""
+        score = np.full(pos.shape, -np.inf, dtype=np.float32)
+        chunk = max(1, 2**11 // pos.shape[1])  # gathers at most 2**11 candidate vectors (4 MB) at once
+        for start in range(0, len(sent), chunk):
+            part = slice(start, start + chunk)
+            vectors = self.pool_emb[np.maximum(pos[part], 0)]
+            exact = np.einsum("ij,ikj->ik", self.text[sent[part]], vectors)
+            score[part] = np.where(pos[part] >= 0, exact, -np.inf)
+        order = np.lexsort((pos, -score), axis=-1)
+        return np.take_along_axis(score, order, axis=1), np.take_along_axis(pos, order, axis=1)
 
     def whole_pool(self, sentences: np.ndarray, threads: int) -> None:
         """Decide sentences on their full score rows, ``threads`` blocks at a time (see select_negatives)."""

@@ -207,7 +207,7 @@ def test_search_with_duplicate_images_in_many_blocks(mode, monkeypatch):
     assert select_negatives(text, own, images, pool, params, threads=1).rows.tolist() == sel.rows.tolist()
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
 def test_search_goes_past_candidates_the_filter_drops(index):
     # tight clusters of 60 (i2i > 0.82 within, < 0.5 across): a sentence's best ~60 candidates are its
     # cluster-mates, all dropped by i2i; an approximate index's first list (4 * top_k + 16 = 28 long)
@@ -249,8 +249,9 @@ def test_search_on_dense_scores_where_float32_cannot_order():
         assert_rule_up_to_rounding(sel, text, own, images, np.arange(300), 12, mode)
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+@pytest.mark.parametrize("index", ["ivf", "hnsw", "ivfpq"])
 def test_approximate_indexes_recall(index):
+    # the bound: 90% of the exact top-20 survivors found (IVF-PQ: 6 codes of 6 bits an image here)
     rng = np.random.default_rng(3)
     text, own, images = clustered(rng, 4000, 200, 48, 60)
     pool = np.arange(4000)
@@ -259,6 +260,10 @@ def test_approximate_indexes_recall(index):
     recall = np.mean([len(np.intersect1d(exact.negatives(i)[0], approx.negatives(i)[0])) / 20 for i in range(200)])
     assert recall >= 0.9
     assert approx.tau == exact.tau and (approx.counts == 20).all()
+    for i in range(200):  # scores are the exact cosines, best first
+        rows, scores = approx.negatives(i)
+        np.testing.assert_allclose(scores, images[rows] @ text[i], atol=1e-6)
+        assert (np.diff(scores) <= 0).all()
     own_picked = [own[i] in approx.negatives(i)[0] for i in range(200)]
     assert not any(own_picked)
 
