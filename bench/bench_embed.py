@@ -11,12 +11,24 @@ flips and colour jitter, written to a temporary directory.
   same torch threads.
 
     python bench/bench_embed.py [--images 256] [--batch-size 64] [--repeats 2]
+
+``--processes 2`` instead measures the split across ranks (``nemo_hf.distributed``): the tiny demo
+CLIP embeds the same JPEGs into a fresh cache once as 1 rank and once as 2 ranks (local processes
+launched as torchrun does, gloo), each rank timed between the barrier after listing the cache and
+the barrier after embedding (start-up excluded); it reports images/s and how many each rank embedded.
+
+    python bench/bench_embed.py --processes 2 [--images 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,12 +68,63 @@ def coco_like_jpegs(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def _rank_worker(listing: Path, cache: Path, batch_size: int) -> None:
+    """One rank: embed its share of the listed images, print its count and seconds as JSON (rank 0)."""
+    from nemo_hf.distributed import launched_ranks
+    from nemo_hf.embed import demo_embedder
+
+    embedder = demo_embedder(batch_size=batch_size, progress=False)
+    items = list(enumerate(json.loads(listing.read_text())))
+    embedder.embed_images(items[:4])  # warm-up (outside the cache)
+    with launched_ranks() as ranks:
+        ranks.barrier("warm-up")
+        start = time.perf_counter()
+        counts = embedder.embed_share(items, [], cache, ranks)  # ends at the barrier after embedding
+        seconds = time.perf_counter() - start
+    print(json.dumps({"rank": ranks.rank, "images": counts["image"], "seconds": seconds}), flush=True)
+
+
+def processes_main(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = coco_like_jpegs(Path(tmp), args.images)
+        listing = Path(tmp) / "images.json"
+        listing.write_text(json.dumps([str(p) for p in paths]))
+        results = {}
+        for world in (1, args.processes):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cache = Path(tmp) / f"cache-{world}"
+            env = {**os.environ, "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+            procs = [
+                subprocess.Popen([sys.executable, __file__, "--rank-worker", str(listing), str(cache), str(args.batch_size)],
+                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+                for r in range(world)
+            ]
+            reports = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            if any(p.returncode for p in procs):
+                raise SystemExit(f"a rank failed with {world} processes")
+            results[world] = reports
+    n = args.images
+    base = max(r["seconds"] for r in results[1])
+    for world, reports in results.items():
+        seconds = max(r["seconds"] for r in reports)
+        shares = ", ".join(f"rank {r['rank']}: {r['images']}" for r in sorted(reports, key=lambda r: r["rank"]))
+        print(f"{world} process(es): {n / seconds:.1f} images/s = {base / seconds:.2f}x one process | embedded {shares}")
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--rank-worker":
+        return _rank_worker(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--processes", type=int, help="compare this many ranks against one (tiny model)")
     args = parser.parse_args()
+    if args.processes:
+        return processes_main(args)
 
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import warnings
@@ -127,7 +128,8 @@ def cmd_build(args) -> int:
             with tempfile.TemporaryDirectory(prefix="nemo_hf_demo_") as tmp:
                 make_refer_source(tmp, n_images=args.demo_images, seed=args.seed)
                 out = build_folder(tmp, args.out, configs if args.dataset else ["all"], mining=mining)
-    print(f"wrote {out}\nload it with: datasets.load_dataset({str(out)!r}, name)  (configs: see {out}/README.md)")
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, rank 0 wrote it
+        print(f"wrote {out}\nload it with: datasets.load_dataset({str(out)!r}, name)  (configs: see {out}/README.md)")
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
     return 0

@@ -129,13 +129,13 @@ def build_folder(
     """
     from .distributed import launched
 
-    if mining is not None and launched():
+    if launched():
         return _build_on_ranks(source_root, out_dir, configs, image_dir, mining, max_shard_size)
     with progress.build_stages():
         return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size)
 
 
-def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOptions, max_shard_size) -> Path:
+def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOptions | None, max_shard_size) -> Path:
     """Every rank embeds its share (per config, in turn), then rank 0 builds from the full cache."""
     import tempfile
 
@@ -150,7 +150,7 @@ def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOpti
     for config in configs:
         source.require(config)
     with launched_ranks() as ranks, tempfile.TemporaryDirectory(prefix="nemo_hf_rank_") as scratch:
-        for config in configs:
+        for config in configs if mining is not None else ():
             builder = NemoRefcoco(config_name=config, source=str(source.root), image_dir=str(source.image_dir),
                                   cache_dir=scratch, mine=True, **asdict(mining))
             embedded = builder.embed_mining_share(ranks)
