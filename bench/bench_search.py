@@ -108,13 +108,12 @@ def _run_index(index: str) -> dict:
 def compare_indexes(text, own, image, pool, indexes: list[str]) -> None:
     global _INPUTS
     _INPUTS = (text, own, image, pool)
-    results = {}
+    exact = None
+    print("index | build s | selection s (after the build) | index MB (RSS) | peak RSS added GB | recall@20 vs flat")
     for index in ["flat"] + [i for i in indexes if i != "flat"]:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as child:
-            results[index] = child.submit(_run_index, index).result()
-    exact = results["flat"]
-    print("index | build s | selection s (after the build) | index MB (RSS) | peak RSS added GB | recall@20 vs flat")
-    for index, r in results.items():
+            r = child.submit(_run_index, index).result()
+        exact = exact or r
         hits = [
             len(np.intersect1d(exact["rows"][exact["offsets"][i] : exact["offsets"][i + 1]],
                                r["rows"][r["offsets"][i] : r["offsets"][i + 1]]))
@@ -122,7 +121,7 @@ def compare_indexes(text, own, image, pool, indexes: list[str]) -> None:
             for i in range(len(text))
         ]
         print(f"{index} | {r['build']:.1f} | {r['search']:.1f} | {r['index_bytes'] / 2**20:.0f} | "
-              f"{r['rss_added']:.2f} | {np.mean(hits):.4f} (min {np.min(hits):.2f})")
+              f"{r['rss_added']:.2f} | {np.mean(hits):.4f} (min {np.min(hits):.2f})", flush=True)
 
 
 def main() -> None:

@@ -362,6 +362,20 @@ def _sample(rng: np.random.Generator, population: np.ndarray, size: int) -> np.n
     return np.sort(rng.choice(population, size=size, replace=False))
 
 
+def _dropped_share(params: MiningParams, tau: float, text, own_rows, image, pool) -> float:
+    """The share of the pool the filter drops for a typical sentence: 1 - q/100 for a percentile tau,
+    else estimated on a seeded sample of 256 anchors x 4096 pool images."""
+    q = params.tau_percentile
+    if q is not None:
+        return 1.0 - q / 100.0
+    rng = np.random.default_rng(params.seed)
+    if params.mode == "i2i":
+        anchors = image[_sample(rng, np.unique(own_rows), 256)]
+    else:
+        anchors = text[_sample(rng, np.arange(len(text)), 256)]
+    return float(np.mean(anchors @ image[_sample(rng, pool, 4096)].T > tau))
+
+
 def _approximate_index(pool_emb: np.ndarray, params: MiningParams) -> faiss.Index:
     """An IVF, IVF-PQ or HNSW inner-product index over the pool, for pools far larger than COCO.
 
@@ -418,8 +432,10 @@ class _RuleSearch:
     """The rule on whole-pool score rows (exact), or on an approximate index's top lists.
 
     Lists are ``first_depth`` long (four times that from PQ codes, which order a list only roughly
-    before it is re-scored exactly), then ``widen * first_depth`` for the sentences whose list held
-    fewer than ``top_k`` survivors; sentences still short get their whole score row, which also
+    before it is re-scored exactly), then, for the sentences whose list held fewer than ``top_k``
+    survivors, ``widen * first_depth`` or ``top_k`` plus twice what the filter drops from a typical
+    sentence's pool, if more (``tau="p99"`` drops 1% of the pool: 10k of a 1M pool, which
+    would leave every short list short again); sentences still short get their whole score row, which also
     settles the fallback. Lists are searched ``batch_entries`` (sentence, candidate) pairs at a time,
     score rows ``block_bytes`` of float32 at a time. The i2i filter is computed along a list only as
     far as it takes to find ``top_k`` survivors.
@@ -432,6 +448,10 @@ class _RuleSearch:
         self.k, self.mode = params.top_k, params.mode
         self.first_depth = 4 * self.k + 16
         self.depths = (self.first_depth * (4 if params.index == "ivfpq" else 1), self.widen * self.first_depth)
+        if params.index != "flat":
+            past_drops = self.k + math.ceil(2 * _dropped_share(params, tau, text, own_rows, image, pool) * len(pool))
+            self.depths = (self.depths[0], max(self.depths[1], past_drops))
+        self.rescore = params.index == "ivfpq"  # PQ scores are approximate (GPU ones too: see search)
         self.pool_emb = image if len(pool) == len(image) else np.ascontiguousarray(image[pool])  # pool: sorted
         position = np.full(len(image), -1, dtype=np.int64)
         position[pool] = np.arange(len(pool))
@@ -451,8 +471,9 @@ class _RuleSearch:
     def search(self, index: faiss.Index, sentences: np.ndarray) -> np.ndarray:
         """Decide the sentences whose lists from ``index`` hold ``top_k`` survivors; return the others."""
         todo = sentences[np.argsort(self.own_rows[sentences], kind="stable")]  # same image together
+        on_gpu = not _is_cpu(index)
         for depth in self.depths:
-            depth = min(depth, index.ntotal)
+            depth = min(depth, index.ntotal, 2048 if on_gpu else index.ntotal)  # FAISS GPU's largest k
             if not todo.size:
                 break
             _LOG.info("%s: top-%d lists for %d sentences", type(index).__name__, depth, len(todo))
@@ -463,7 +484,9 @@ class _RuleSearch:
         return todo
 
     def _lists(self, index: faiss.Index, sent: np.ndarray, depth: int) -> np.ndarray:
-        score, pos = self._rescored(sent, index.search(self.text[sent], depth)[1])
+        score, pos = index.search(self.text[sent], depth)
+        if self.rescore or not _is_cpu(index):
+            score, pos = self._rescored(sent, pos)
         valid = (pos >= 0) & (pos != self.own_pos[sent, None])
         keep = valid & ~self._dropped_along(sent, score, pos, valid)
         done = keep.sum(axis=1) >= self.k
