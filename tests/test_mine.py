@@ -315,3 +315,20 @@ def test_mine_refs_columns_and_provenance(tmp_path):
         mine_refs(refs, {k: v for k, v in files.items() if k != 12}, pool, embedder, params)
     with pytest.raises(ValueError, match="ref 7 appears twice"):
         mine_refs(refs + refs[:1], files, pool, embedder, params)
+
+
+def test_deep_lists_reach_past_what_the_filter_drops(caplog):
+    # tau="p80" drops ~20% of a 5000-image pool (~1000 images) per sentence, past the 768-deep lists:
+    # the deep lists are sized by that share, so sentences are decided from the lists, not the whole pool
+    rng = np.random.default_rng(4)
+    text, own, images = clustered(rng, 5000, 300, 32, 8)
+    pool = np.arange(5000)
+    with caplog.at_level("INFO", logger="nemo_hf.mine"):
+        approx = select_negatives(text, own, images, pool, MiningParams(tau="p80", top_k=20, index="ivf"))
+    deep = [r.getMessage() for r in caplog.records if "top-" in r.getMessage()]
+    assert len(deep) == 2 and int(deep[1].split("top-")[1].split()[0]) >= 2 * 1000
+    whole = [int(r.getMessage().split()[-2]) for r in caplog.records if "whole-pool" in r.getMessage()]
+    assert sum(whole) <= 300 // 20
+    exact = select_negatives(text, own, images, pool, MiningParams(tau="p80", top_k=20))
+    recall = np.mean([len(np.intersect1d(exact.negatives(i)[0], approx.negatives(i)[0])) / 20 for i in range(300)])
+    assert recall >= 0.9
