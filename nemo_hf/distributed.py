@@ -14,7 +14,7 @@ import contextlib
 import datetime
 import logging
 import os
-import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ import numpy as np
 TIMEOUT_ENV = "NEMO_HF_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800
 _MAIN_WAIT = datetime.timedelta(days=7)  # the others wait out rank 0's selection and writing, however long
-_FAILED_RANKS = re.compile(r"Ranks? ([\d, ]+) failed")
+_RESUME = "the embeddings already computed are cached: run the same command again to resume"
 _LOG = logging.getLogger(__name__)
 
 
@@ -64,13 +64,45 @@ class Ranks:
         return np.arange(bounds[self.rank], bounds[self.rank + 1])
 
     def barrier(self, what: str) -> None:
-        """Wait for every rank to reach ``what``; a rank that died or hangs is named (on rank 0)."""
+        """Wait for every rank to reach ``what``. Rank 0 hears from each rank in turn and names the
+        ones it cannot hear from (dead: their connection is closed; or silent past the timeout), then
+        releases the others. (gloo's ``monitored_barrier`` names a rank only if it dies during the wait.)"""
+        import torch
         import torch.distributed as dist
 
-        try:
-            dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
-        except RuntimeError as err:
-            raise self._failure(what, err) from err
+        token = torch.zeros(1)
+        if not self.is_main:
+            try:
+                dist.send(token, dst=0, group=self.group)
+                dist.recv(token, src=0, group=self.group)
+            except RuntimeError as err:
+                raise RankFailure(
+                    f"rank {self.rank}: lost contact with rank 0 after {what} (rank 0 names a failed rank; "
+                    f"{_first_line(err)}); {_RESUME}"
+                ) from err
+            return
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        arrivals, failed = {}, []
+        for rank in range(1, self.world):
+            try:
+                arrivals[rank] = dist.irecv(torch.zeros(1), src=rank, group=self.group)
+            except RuntimeError:  # its connection is closed already
+                failed.append(rank)
+        for rank, arrival in arrivals.items():
+            try:
+                arrived = arrival.wait(timeout=datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            except RuntimeError:  # its connection closed, or the timeout
+                arrived = False
+            if not arrived:
+                failed.append(rank)
+        if failed:
+            names = ", ".join(map(str, sorted(failed)))
+            raise RankFailure(
+                f"rank{'s' * (len(failed) > 1)} {names} of {self.world} did not reach the barrier after {what} "
+                f"within {self.timeout.total_seconds():.0f} s ({TIMEOUT_ENV}): died or hung; {_RESUME}"
+            )
+        for rank in range(1, self.world):
+            dist.send(token, dst=rank, group=self.group)
 
     def main_done(self, error: str | None) -> None:
         """Rank 0: tell the waiting ranks that the folder is written, or why it is not."""
@@ -89,20 +121,6 @@ class Ranks:
             raise RankFailure(f"rank {self.rank}: lost rank 0 while it was writing the folder ({_first_line(err)})") from err
         if outcome[0] is not None:
             raise RankFailure(f"rank {self.rank}: rank 0 failed to write the folder: {outcome[0]}")
-
-    def _failure(self, what: str, err: RuntimeError) -> RankFailure:
-        found = _FAILED_RANKS.search(str(err))
-        resume = "the embeddings already computed are cached: run the same command again to resume"
-        if found:
-            failed = found.group(1).strip()
-            return RankFailure(
-                f"rank {failed} of {self.world} did not reach the barrier after {what} within "
-                f"{self.timeout.total_seconds():.0f} s ({TIMEOUT_ENV}): it died or hangs; {resume}"
-            )
-        return RankFailure(
-            f"rank {self.rank}: lost contact with the other ranks after {what} (rank 0 names a failed rank; "
-            f"{_first_line(err)}); {resume}"
-        )
 
 
 def _first_line(err: BaseException) -> str:
