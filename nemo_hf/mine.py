@@ -431,11 +431,12 @@ def _is_cpu(index: faiss.Index) -> bool:
 class _RuleSearch:
     """The rule on whole-pool score rows (exact), or on an approximate index's top lists.
 
-    Lists are ``first_depth`` long (four times that from PQ codes, which order a list only roughly
-    before it is re-scored exactly), then, for the sentences whose list held fewer than ``top_k``
+    Lists are ``first_depth`` long, then, for the sentences whose list held fewer than ``top_k``
     survivors, ``widen * first_depth`` or ``top_k`` plus twice what the filter drops from a typical
-    sentence's pool, if more (``tau="p99"`` drops 1% of the pool: 10k of a 1M pool, which
-    would leave every short list short again); sentences still short get their whole score row, which also
+    sentence's pool, if more (``tau="p99"`` drops 1% of the pool: 10k of a 1M pool, which would leave
+    every short list short again). PQ codes order a list only roughly, so an IVF-PQ list starts at four
+    times that second depth: a shallow one would hold survivors only by the codes' error (the true
+    ones rank past what the filter drops) and be accepted with the wrong negatives; sentences still short get their whole score row, which also
     settles the fallback. Lists are searched ``batch_entries`` (sentence, candidate) pairs at a time,
     score rows ``block_bytes`` of float32 at a time. The i2i filter is computed along a list only as
     far as it takes to find ``top_k`` survivors.
@@ -447,10 +448,12 @@ class _RuleSearch:
         self.text, self.own_rows, self.image, self.pool, self.tau = text, own_rows, image, pool, tau
         self.k, self.mode = params.top_k, params.mode
         self.first_depth = 4 * self.k + 16
-        self.depths = (self.first_depth * (4 if params.index == "ivfpq" else 1), self.widen * self.first_depth)
+        self.depths = (self.first_depth, self.widen * self.first_depth)
         if params.index != "flat":
             past_drops = self.k + math.ceil(2 * _dropped_share(params, tau, text, own_rows, image, pool) * len(pool))
             self.depths = (self.depths[0], max(self.depths[1], past_drops))
+        if params.index == "ivfpq":  # one pass, deep enough from the start: see the class docstring
+            self.depths = (4 * self.depths[1],)
         self.rescore = params.index == "ivfpq"  # PQ scores are approximate (GPU ones too: see search)
         self.pool_emb = image if len(pool) == len(image) else np.ascontiguousarray(image[pool])  # pool: sorted
         position = np.full(len(image), -1, dtype=np.int64)
