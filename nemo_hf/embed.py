@@ -2,7 +2,8 @@
 ``get_image_features`` / ``get_text_features`` (CLIP, SigLIP, ...), cached on disk.
 
 Embeddings are L2-normalised float32. The cache is keyed by everything that changes them (model
-identity, dtype, preprocessing, nemo_hf version) and then per image id, or per sentence id and text;
+identity, dtype, preprocessing, nemo_hf version) and then per image id and content (bytes' digest, or file
+size and modification time), or per sentence id and text;
 it is written in chunks, each atomically, so an interrupted run resumes where it stopped.
 """
 
@@ -334,7 +335,7 @@ class Embedder:
 
     def _image_job(self, images) -> tuple[str, list[str], list, Callable]:
         items = [(int(image_id), source) for image_id, source in images]
-        return "image", [str(i) for i, _ in items], items, self._image_batches
+        return "image", [_image_key(i, source) for i, source in items], items, self._image_batches
 
     def _text_job(self, texts) -> tuple[str, list[str], list, Callable]:
         items = [(int(sent_id), str(text)) for sent_id, text in texts]
@@ -426,6 +427,19 @@ class Embedder:
             with torch.inference_mode():
                 out = self.model.get_text_features(**inputs)
             yield [indices[i] for i in batch], _normalised(out)
+
+
+def _image_key(image_id: int, source) -> str:
+    """An image's cache key: its id and what identifies its content (encoded bytes: their digest; a file: its
+    size and modification time). An id alone is not content: another source, or a replaced file, may use it
+    for another image, whose negatives would then be mined from the old image's embedding."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"{image_id}:{hashlib.sha256(source).hexdigest()[:16]}"
+    try:
+        status = os.stat(source)
+    except OSError:
+        return f"{image_id}:unreadable"  # embedding it raises the error that names the image
+    return f"{image_id}:{status.st_size}:{status.st_mtime_ns}"
 
 
 def _missing(keys: list[str], present) -> list[int]:

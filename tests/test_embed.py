@@ -123,6 +123,27 @@ def test_changed_sentence_is_not_served_stale(tmp_path):
 
 
 @needs_clip_files
+def test_changed_image_is_not_served_stale(tmp_path):
+    """Image ids are not content: another source (or a replaced file) may use an id for another image."""
+    embedder = make_embedder()
+    counter = ForwardCounter(embedder.model.vision_model)
+    cache = tmp_path / "cache"
+    before = embedder.embed_images([(7, jpeg(1))], cache_dir=cache)
+    after = embedder.embed_images([(7, jpeg(2))], cache_dir=cache)
+    assert counter.calls == 2 and not np.allclose(before, after)
+    np.testing.assert_allclose(after, embedder.embed_images([(7, jpeg(2))]), atol=1e-6)
+    path = tmp_path / "7.jpg"
+    path.write_bytes(jpeg(3))
+    from_file = embedder.embed_images([(7, path)], cache_dir=cache)
+    assert counter.calls == 4 and not np.allclose(from_file, after)
+    embedder.embed_images([(7, path)], cache_dir=cache)
+    assert counter.calls == 4  # an unchanged file is a cache hit
+    path.write_bytes(jpeg(4, size=(60, 40)))
+    replaced = embedder.embed_images([(7, path)], cache_dir=cache)
+    np.testing.assert_allclose(replaced, embedder.embed_images([(7, jpeg(4, size=(60, 40)))]), atol=1e-6)
+
+
+@needs_clip_files
 def test_resume_after_interruption(tmp_path):
     reference = make_embedder().embed_images(IMAGES)
     embedder = make_embedder(cache_chunk=2)
