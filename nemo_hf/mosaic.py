@@ -310,6 +310,13 @@ class _Renderer:
             raise ValueError(f"unknown tile mode {tile!r}; expected one of {TILE_MODES}")
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"unknown resample {resample!r}; expected one of {RESAMPLE_MODES}")
+        if isinstance(images, ImageTable) and (pool is not None or config not in (None, images.config)):
+            # the table carries its own config and pool: a different one here would be ignored, and a table
+            # built for another config would draw that config's pool (its val/test images included) as tiles
+            raise ValueError(
+                f"images is an ImageTable for config {images.config!r}; pass config= and pool= when the table is "
+                f"made, not here (got config={config!r}, pool={'given' if pool is not None else None})"
+            )
         self.images = images if isinstance(images, ImageTable) else ImageTable(images, pool=pool, config=config)
         if not _is_int(output_size):
             raise ValueError(f"output_size must be an integer number of pixels, got {output_size!r}")

@@ -306,6 +306,15 @@ def test_random_pool_needs_a_config_when_the_table_serves_several(world):
     assert NeMoMosaic(images, output_size=32, p={"random": 1.0}, config="refcocog_umd")(batch_of(world["rows"][:1]))
 
 
+def test_an_image_table_keeps_its_own_config_and_pool(world):
+    table = ImageTable(world["images"], config="refcoco_unc")
+    assert NeMoMosaic(table, output_size=32, config="refcoco_unc").images is table
+    with pytest.raises(ValueError, match="ImageTable for config 'refcoco_unc'"):  # would draw refcoco_unc's pool
+        NeMoMosaic(table, output_size=32, config="refcocog_umd")
+    with pytest.raises(ValueError, match="pool=given"):
+        EvalTransform(table, output_size=32) and NeMoMosaic(table, output_size=32, pool=[1, 2, 3])
+
+
 def test_epochs_differ_seeds_reproduce(world):
     rows = batch_of(world["rows"][:8])
 
