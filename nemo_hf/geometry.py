@@ -165,14 +165,16 @@ def rle_runs(counts: str | bytes | Sequence[int]) -> np.ndarray:
         raise ValueError("truncated RLE counts string")
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
-    if lengths.max() > 12:  # 60 bits: more would overflow pycocotools' (and this) 64-bit arithmetic
-        raise ValueError("RLE counts string holds a number of more than 12 characters")
+    if lengths.max() > 6:  # pycocotools shifts 5-bit groups in a 32-bit int: a 7th group is garbled there
+        raise ValueError("RLE counts string holds a number of more than 6 characters (pycocotools misreads it)")
     shift = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
     values = np.add.reduceat((chars & 0x1F) << shift, starts)
     values = np.where((chars[ends] & 0x10) != 0, values - (1 << (5 * lengths)), values)
     runs = values.copy()
     runs[1::2] = np.cumsum(values[1::2])
     runs[2::2] = np.cumsum(values[2::2])
+    if runs.max() >= 1 << 32:  # pycocotools keeps runs as uint32: a longer one is truncated there
+        raise ValueError("RLE counts string holds a run of 2^32 pixels or more")
     return runs
 
 

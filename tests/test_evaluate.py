@@ -244,3 +244,27 @@ def test_writer_leaves_nothing_behind_on_error_and_reads_back(tmp_path):
         np.testing.assert_array_equal(back[0][1], mask)
         np.testing.assert_array_equal(back[1][1], mask[::-1])
     assert list(read_predictions(write_predictions(tmp_path / "empty.parquet", {}))) == []
+
+
+def test_a_counts_string_pycocotools_misreads_is_refused_not_hung(hand_folder, tmp_path):
+    """Runs [5, 30, 40, 10, 2987] (48*64 pixels) with the -20 delta of the fourth run written in 8 characters:
+    pycocotools shifts each 5-bit group in a 32-bit int, reads another mask of more pixels, and merging it with
+    the ground truth loops forever. Run in a subprocess: the old code hung here."""
+    import subprocess
+    import sys
+
+    preds = tmp_path / "p.jsonl"
+    preds.write_text('{"sent_id": 10, "mask": {"size": [48, 64], "counts": "5n0X1\\\\ooooooOSl2"}}\n')
+    code = (
+        "import sys; from nemo_hf.cli import main; sys.exit(main(['eval', sys.argv[1], '--config', 'refcoco_unc', "
+        "'--split', 'val', '--predictions', sys.argv[2], '--allow-missing']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(hand_folder), str(preds)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "sent_id 10 (" in done.stderr and "p.jsonl:1): RLE counts string holds a number of more than 6" in done.stderr
+    assert "Traceback" not in done.stderr
+    # the same runs written the usual way are read
+    preds.write_text('{"sent_id": 10, "mask": {"size": [48, 64], "counts": "5n0X1\\\\OSl2"}}\n')
+    report = score(hand_folder, preds, allow_missing=True)
+    assert report["metrics"]["n_expressions"] == 5

@@ -372,6 +372,7 @@ def test_hostile_pickles_are_refused_at_once(tmp_path):
     ({"size": [48, 64], "counts": "not an rle"}, "malformed compressed RLE counts"),
     ({"size": [48, 64], "counts": "0`"}, "malformed compressed RLE counts \\(truncated"),
     ({"size": [48, 64], "counts": "PPP0"}, "RLE counts sum to"),
+    ({"size": [48, 64], "counts": "5n0X1\\ooooooOSl2"}, "malformed compressed RLE counts \\(.* more than 6"),  # pycocotools misreads
     ({"size": [48, 64], "counts": {"a": 1}}, "RLE counts must be a list of integers or a compressed string"),
 ])
 def test_bad_rle_on_an_eval_ref_names_ann_and_ref(tmp_path, rle, message):
