@@ -79,10 +79,20 @@ def write_sentences(folder: Path, config: str, embeddings: MiningEmbeddings) -> 
 
 def _read(path: Path, *columns: str, filters=None) -> tuple[list[np.ndarray], np.ndarray]:
     table = pq.read_table(path, filters=filters)
-    vectors = table["embedding"].combine_chunks()
+    wrong = [c for c in columns if c not in table.column_names or not pa.types.is_integer(table.schema.field(c).type)]
+    if wrong:
+        raise ValueError(f"{path}: no integer column(s) {', '.join(wrong)}; not embeddings written by nemo-hf build")
+    vectors = table["embedding"].combine_chunks() if "embedding" in table.column_names else None
+    if vectors is None or not pa.types.is_fixed_size_binary(vectors.type) or vectors.type.byte_width % 2 or vectors.null_count:
+        kind = "no column" if vectors is None else f"{vectors.type}{' with nulls' if vectors.null_count else ''}"
+        raise ValueError(f"{path}: 'embedding' is {kind}, not float16 vectors as fixed_size_binary(2 * dim) cells")
     width = vectors.type.byte_width // 2
-    matrix = np.frombuffer(vectors.buffers()[1], "<f2", count=len(table) * width).reshape(len(table), width)
-    matrix = matrix.astype(np.float32)
+    matrix = np.frombuffer(vectors.buffers()[1], "<f2", count=len(table) * width, offset=vectors.offset * 2 * width)
+    matrix = matrix.reshape(len(table), width).astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1) | ~matrix.any(axis=1))
+    if bad.size:
+        raise ValueError(f"{path}: row {int(bad[0])} ({columns[0]} {table[columns[0]][int(bad[0])].as_py()}): "
+                         "an embedding with NaN, inf or all zeros")
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)  # undo float16 rounding of the norm
     return [table[c].to_numpy() for c in columns], matrix
 
@@ -96,4 +106,6 @@ def read(folder: str | Path, config: str, sent_ids: list[int] | None = None) -> 
     (image_ids,), images = _read(folder / IMAGES_FILE, "image_id")
     only = None if sent_ids is None else [("sent_id", "in", [int(i) for i in sent_ids])]
     (sent_ids, sent_image_ids), sentences = _read(folder / sentences_file(config), "sent_id", "image_id", filters=only)
+    if images.shape[1] != sentences.shape[1]:
+        raise ValueError(f"{folder}: {IMAGES_FILE} holds {images.shape[1]}-d embeddings, {sentences_file(config)} {sentences.shape[1]}-d")
     return MiningEmbeddings(image_ids.tolist(), images, sent_ids.tolist(), sent_image_ids.tolist(), sentences)

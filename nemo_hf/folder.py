@@ -94,7 +94,26 @@ class BuildReport:
                     f"`nemo-hf build --source {folder} --out DIR`, then point this command at DIR"
                 )
             raise FileNotFoundError(f"{path}: no build manifest; is {folder} a folder written by `nemo-hf build`?")
-        return cls(**json.loads(path.read_text()))
+        try:
+            report = cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:  # not JSON, not an object, or another format's keys
+            raise ValueError(f"{path}: not a nemo_hf build manifest ({err})") from None
+        report._check_shards(path)
+        return report
+
+    def _check_shards(self, path: Path) -> None:
+        """Every shard the manifest names is a relative path inside the folder: commands read them, and a
+        folder from a stranger must not make them read elsewhere."""
+        if not isinstance(self.configs, dict):
+            raise ValueError(f"{path}: 'configs' is not an object; not a nemo_hf build manifest")
+        for name, entry in self.configs.items():
+            splits = entry.get("splits") if isinstance(entry, dict) else None
+            if not isinstance(splits, dict) or not all(isinstance(s, dict) and isinstance(s.get("shards"), list) for s in splits.values()):
+                raise ValueError(f"{path}: config {name!r} has no splits with shard lists; not a nemo_hf build manifest")
+            for split, info in splits.items():
+                for shard in info["shards"]:
+                    if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                        raise ValueError(f"{path}: {name}/{split} shard {shard!r} is not a file inside the folder (an absolute or a '..' path)")
 
 
 def resolve_configs(source_root, datasets_and_split_bys: list[str]) -> list[str]:

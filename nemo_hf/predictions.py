@@ -164,7 +164,7 @@ def read_predictions(path: str | os.PathLike, batch_rows: int = 4096) -> Iterato
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported by json.loads with its line
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue

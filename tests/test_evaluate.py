@@ -268,3 +268,12 @@ def test_a_counts_string_pycocotools_misreads_is_refused_not_hung(hand_folder, t
     preds.write_text('{"sent_id": 10, "mask": {"size": [48, 64], "counts": "5n0X1\\\\OSl2"}}\n')
     report = score(hand_folder, preds, allow_missing=True)
     assert report["metrics"]["n_expressions"] == 5
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"sent_id": 1, "mask": {"size": [2, 2], "counts": "4"}}\n{"sent_id": 2, "mask": {"size": [2, 2], "counts": "\xe9"}}\n')
+    rows = read_predictions(path)
+    assert next(rows)[0] == 1
+    with pytest.raises(PredictionsFormatError, match=r"p.jsonl:2: not JSON \('utf-8' codec can't decode"):
+        next(rows)

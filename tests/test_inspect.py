@@ -264,3 +264,75 @@ def test_push_carries_the_embeddings_and_drops_stale_ones(folder):
         assert added[name] == str(folder / name)
     assert {op.path_in_repo for op in ops if isinstance(op, CommitOperationDelete)} == {"embeddings/refcocog_umd.parquet"}
     assert b"`embeddings/` holds the mining model's" in added["README.md"]  # the card says what they are
+
+
+def _embeddings_variant(folder, tmp_path, name: str):
+    import shutil
+
+    import pyarrow as pa
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    images, sentences = copy / embeddings.IMAGES_FILE, copy / embeddings.sentences_file("refcoco_unc")
+    table = pq.read_table(images)
+    width = table["embedding"].type.byte_width
+    if name == "missing column":
+        pq.write_table(table.drop(["embedding"]), images)
+    elif name == "variable-width cells":
+        pq.write_table(table.set_column(1, "embedding", table["embedding"].cast(pa.binary())), images)
+    elif name == "odd width":
+        cells = pa.array([c[:width - 1] for c in table["embedding"].to_pylist()], pa.binary(width - 1))
+        pq.write_table(table.set_column(1, "embedding", cells), images)
+    elif name == "other dimension":
+        cells = pa.array([c[:width - 2] for c in table["embedding"].to_pylist()], pa.binary(width - 2))
+        pq.write_table(table.set_column(1, "embedding", cells), images)
+    elif name == "NaN":
+        table = pq.read_table(sentences)
+        nan = np.full(width // 2, np.nan, "<f2").tobytes()
+        pq.write_table(table.set_column(2, "embedding", pa.array([nan] * len(table), pa.binary(width))), sentences)
+    return copy
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing column", "images.parquet: 'embedding' is no column"),
+    ("variable-width cells", "images.parquet: 'embedding' is binary, not float16 vectors"),
+    ("odd width", "images.parquet: 'embedding' is fixed_size_binary"),
+    ("other dimension", r"images.parquet holds (\d+)-d embeddings, embeddings/refcoco_unc.parquet (?!\1-d)\d+-d"),
+    ("NaN", r"refcoco_unc.parquet: row 0 \(sent_id \d+\): an embedding with NaN"),
+])
+def test_broken_embeddings_are_named_not_a_traceback(folder, tmp_path, capsys, name, message):
+    import re
+
+    copy = _embeddings_variant(folder, tmp_path, name)
+    ref_id = _train_row(folder)["ref_id"]
+    for args in (["stats", str(copy), "-o", str(tmp_path / "s.png")], ["show", str(copy), "--ref-id", str(ref_id)]):
+        assert main(args) == 2
+        assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "nemo_hf.json: not a nemo_hf build manifest \\(Expecting"),
+    ('{"foo": 1}', "nemo_hf.json: not a nemo_hf build manifest \\(.*unexpected keyword argument 'foo'"),
+    ("[]", "nemo_hf.json: not a nemo_hf build manifest"),
+    ("outside", "refcoco_unc/val shard '../../elsewhere.parquet' is not a file inside the folder"),
+    ("absolute", "refcoco_unc/val shard '/.*' is not a file inside the folder"),
+])
+def test_a_broken_or_hostile_manifest_is_refused(folder, tmp_path, capsys, text, message):
+    import re
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    manifest = json.loads((copy / "nemo_hf.json").read_text())
+    shard = manifest["configs"]["refcoco_unc"]["splits"]["val"]["shards"][0]
+    if text in ("outside", "absolute"):
+        shutil.copy(copy / shard, tmp_path / "elsewhere.parquet")
+        path = "../../elsewhere.parquet" if text == "outside" else str(tmp_path / "elsewhere.parquet")
+        manifest["configs"]["refcoco_unc"]["splits"]["val"]["shards"] = [path]
+        text = json.dumps(manifest)
+    (copy / "nemo_hf.json").write_text(text)
+    (tmp_path / "p.jsonl").write_text("")
+    for args in (["stats", str(copy), "-o", str(tmp_path / "s.png")], ["show", str(copy), "--ref-id", "0"],
+                 ["eval", str(copy), "--split", "val", "--predictions", str(tmp_path / "p.jsonl")]):  # fmt: skip
+        assert main(args) == 2, args
+        assert re.search(message, capsys.readouterr().err), args
