@@ -255,3 +255,42 @@ def test_tas_scores_unnormalised_is_s_itself():
     np.testing.assert_allclose(
         tas_scores(crops, text, negative_emb=negatives, normalise=False), [100.0, 60.0 - 0.7 * 80.0]
     )
+
+
+def _tampered(name: str, arrays: dict) -> dict:
+    arrays = dict(arrays)
+    if name == "mask counts pycocotools misreads":  # runs [5, 30, 40, 10, 2987], a delta written in 8 characters
+        arrays["mask_counts"] = np.asarray(["5n0X1\\ooooooOSl2"])
+    elif name == "mask of another size":
+        arrays["mask_size"] = np.asarray([[64, 48]])
+    elif name == "a proposal row missing":
+        arrays["crop_emb"] = arrays["crop_emb"][:0]
+    elif name == "NaN embedding":
+        arrays["image_emb"] = np.full_like(arrays["image_emb"], np.nan)
+    elif name == "pickled object array":
+        arrays["mask_counts"] = np.asarray([{"counts": "x"}], dtype=object)
+    return arrays
+
+
+@pytest.mark.parametrize("name", ["mask counts pycocotools misreads", "mask of another size", "a proposal row missing",
+                                  "NaN embedding", "pickled object array"])  # fmt: skip
+def test_a_tampered_feature_cache_file_is_dropped_and_recomputed(tmp_path, name):
+    """A cache file whose arrays disagree never reaches the scorer or the predictions file: it is dropped."""
+    import io
+
+    from nemo_hf.refer import encode_rle
+    from nemo_hf.zeroshot.encode import FeatureCache, ImageFeatures
+
+    mask = np.zeros((48, 64), np.uint8)
+    mask[5:20, 3:30] = 1
+    features = ImageFeatures((48, 64), [encode_rle(mask)], np.ones((1, 4), np.float32), np.asarray([[12.0, 16.0]]),
+                             np.ones(4, np.float32))  # fmt: skip
+    cache = FeatureCache(tmp_path, {"model": "test"})
+    cache.put(1, features)
+    assert cache.get(1).masks == features.masks  # the untouched file reads back
+    with np.load(io.BytesIO(features.to_npz())) as data:
+        arrays = {k: data[k] for k in data.files}
+    np.savez(cache.directory / "1.npz", **_tampered(name, arrays))
+    with pytest.warns(UserWarning, match=r"dropping unreadable .*1\.npz"):
+        assert cache.get(1) is None
+    assert not (cache.directory / "1.npz").exists()

@@ -104,9 +104,27 @@ class ImageFeatures:
 
     @classmethod
     def from_npz(cls, data) -> ImageFeatures:
+        """ValueError for a file whose arrays disagree (another writer's, or edited): masks that are not
+        RLEs of the image's size, one row per proposal missing, a NaN or inf."""
+        from ..refer import check_rle
+
+        size = tuple(int(v) for v in data["size"])
+        if len(size) != 2:
+            raise ValueError(f"size {size} is not (h, w)")
         masks = [{"size": [int(h), int(w)], "counts": str(c)} for (h, w), c in zip(data["mask_size"], data["mask_counts"])]
+        for k, mask in enumerate(masks):
+            check_rle(mask, *size, f"proposal {k}")
+        n = len(data["mask_counts"])
+        rows = {"mask_size": data["mask_size"], "crop_emb": data["crop_emb"], "centroids": data["centroids"]}
+        if "captions" in data:
+            rows.update(captions=data["captions"], caption_emb=data["caption_emb"])
+        if any(a.ndim == 0 or a.shape[0] != n for a in rows.values()) or data["centroids"].shape[1:] != (2,):
+            raise ValueError(f"{n} proposal masks but " + ", ".join(f"{k} {a.shape}" for k, a in rows.items()))
+        floats = [data["crop_emb"], data["centroids"], data["image_emb"]] + ([data["caption_emb"]] if "captions" in data else [])
+        if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in floats):
+            raise ValueError("an embedding or centroid that is not a finite float")
         return cls(
-            size=tuple(int(v) for v in data["size"]),
+            size=size,
             masks=masks,
             crop_emb=data["crop_emb"],
             centroids=data["centroids"],
