@@ -33,12 +33,20 @@ class RankFailure(RuntimeError):
 
 def launched() -> bool:
     """Whether a launcher started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _env_int("WORLD_SIZE", 1) > 1
 
 
 def local_processes() -> int:
     """How many processes the launcher started on this node (they share its cores)."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer (the launcher sets it; unset it to run one process)") from None
 
 
 @dataclass
@@ -133,8 +141,8 @@ def _timeout() -> datetime.timedelta:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the barrier timeout in seconds (> 0)")
+    if not 0 < seconds < 1e9:  # inf or 1e300 overflow timedelta
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: give the barrier timeout in seconds (> 0, < 1e9)")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -151,7 +159,7 @@ def launched_ranks() -> Iterator[Ranks]:
     if created:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
         dist.init_process_group("nccl" if on_gpu else "gloo", timeout=max(timeout, datetime.timedelta(minutes=30)))
     group = dist.new_group(backend="gloo", timeout=timeout)
     main_group = dist.new_group(backend="gloo", timeout=_MAIN_WAIT)

@@ -101,3 +101,29 @@ def test_dead_rank_is_named_and_torchrun_rerun_resumes_with_one_process_cells(tm
     assert [c["texts"] for c in counts] == [len(share[r](texts, BATCH)) for r in (0, 1)]
     assert all(c["texts"] > 0 for c in counts) and sum(c["texts"] for c in counts) == texts
     _same_cells(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "2", "NEMO_HF_DIST_TIMEOUT": "inf"}, r"NEMO_HF_DIST_TIMEOUT='inf': give the barrier timeout in seconds"),
+    ({"WORLD_SIZE": "2", "NEMO_HF_DIST_TIMEOUT": "1e300"}, r"NEMO_HF_DIST_TIMEOUT='1e300': give the barrier timeout"),
+])
+def test_a_bad_launcher_variable_is_named(tmp_path, monkeypatch, capsys, env, message):
+    import re
+
+    from conftest import write_tiny_source
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    root = write_tiny_source(tmp_path / "src")
+    assert main(["build", "--source", str(root), "--out", str(tmp_path / "out"), "--no-mining"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_local_world_size_is_named(monkeypatch):
+    from nemo_hf.distributed import local_processes
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2.5")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='2.5' is not an integer"):
+        local_processes()
