@@ -154,7 +154,7 @@ def _check_patch(patch_size, ratio) -> None:
 def _check_text(ratio, mask_fraction, random_fraction) -> None:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"text ratio must lie in [0, 1], got {ratio}")
-    if mask_fraction < 0 or random_fraction < 0 or mask_fraction + random_fraction > 1.0 + 1e-9:
+    if not (mask_fraction >= 0 and random_fraction >= 0 and mask_fraction + random_fraction <= 1.0 + 1e-9):  # NaN too
         raise ValueError(
             f"mask_fraction ({mask_fraction}) and random_fraction ({random_fraction}) must be >= 0 and sum to <= 1"
         )

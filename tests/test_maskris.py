@@ -138,6 +138,9 @@ def test_text_masking_validates_its_parameters(wordpiece):
     ids = torch.tensor([[2, 5, 3]])
     with pytest.raises(ValueError, match="sum to <= 1"):
         mask_text_tokens(ids, torch.ones_like(ids), wordpiece, mask_fraction=0.8, random_fraction=0.3)
+    for fractions in ({"mask_fraction": float("nan")}, {"random_fraction": float("nan")}):  # NaN silently masked nothing
+        with pytest.raises(ValueError, match="sum to <= 1"):
+            mask_text_tokens(ids, torch.ones_like(ids), wordpiece, **fractions)
     with pytest.raises(ValueError, match="differ"):
         mask_text_tokens(ids, torch.ones(1, 2, dtype=torch.int64), wordpiece)
 
