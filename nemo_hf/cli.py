@@ -42,8 +42,8 @@ def _tau(value: str):
     return tau
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= ``low``."""
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``)."""
 
     def parse(value: str) -> int:
         try:
@@ -52,12 +52,15 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
         if number < low:
             raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        if high is not None and number > high:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {high}")
         return number
 
     return parse
 
 
 _positive, _non_negative = _at_least(1), _at_least(0)
+_side = _at_least(1, 8192)  # a rendered side in pixels: a typo like 1000000 would allocate terabytes
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
     pv.add_argument("--split", default="train", help="split (default train)")
     pv.add_argument("-n", type=_positive, default=16, help="mosaics in the grid (default 16)")
-    pv.add_argument("--size", type=_positive, default=256, help="side of each mosaic in pixels (default 256)")
+    pv.add_argument("--size", type=_side, default=256, help="side of each mosaic in pixels (default 256)")
     pv.add_argument("--tile", choices=["squash", "letterbox"], default="squash",
                     help="how a tile is fitted to its cell (default squash)")
     pv.add_argument("--seed", type=_non_negative, default=0, help="picks the rows and renders them (default 0)")
@@ -377,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=_positive, default=200, help="training sentences drawn (default 200)")
     d.add_argument("--seed", type=_non_negative, default=0, help="draws the sentences and renders them (default 0)")
     d.add_argument("--negatives", action="store_true", help="add TAS's N term (offline COCO-vocabulary phrases)")
-    d.add_argument("--size", type=_positive, default=480, help="side of the rendered samples in pixels (default 480)")
+    d.add_argument("--size", type=_side, default=480, help="side of the rendered samples in pixels (default 480)")
     d.add_argument("--batch-size", type=_positive, default=64, help="crops per forward pass (default 64)")
     d.add_argument("--json", help="also write the report (with every sample) as JSON here")
     d.add_argument("-o", "--output", help="also draw the report as a PNG here")

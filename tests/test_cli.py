@@ -94,3 +94,11 @@ def test_demo_build_log(tmp_path):
     repeated = {line for line in lines if lines.count(line) > 1} - {DEMO_NOTICE}
     assert not repeated
     assert lines.count(DEMO_NOTICE) == 2 and lines[0] == DEMO_NOTICE and lines[-1] == DEMO_NOTICE
+
+
+@pytest.mark.parametrize("command", ["difficulty", "preview"])
+def test_a_rendered_side_beyond_8192_pixels_is_refused_before_any_allocation(tmp_path, capsys, command):
+    """--size 1000000 used to reach np.empty((size, size, 3)) (a MemoryError traceback, or swap at 60000)."""
+    with pytest.raises(SystemExit):
+        main([command, str(tmp_path), "--size", "1000000"])
+    assert "argument --size: 1000000 must be at most 8192" in capsys.readouterr().err
