@@ -161,3 +161,15 @@ def test_difficulty_modes_counts_and_seed(folder, tmp_path, capsys):
     drawn = [r["sent_id"] for r in report["modes"]["single"]["records"]]
     assert [r["sent_id"] for r in sample_sentences(train, 3, 1)] == drawn
     assert [r["sent_id"] for r in sample_sentences(train, 3, 2)] != drawn
+
+
+def test_a_fifo_beside_the_predictions_does_not_block_eval(tmp_path):
+    """`<predictions>.provenance.json` as a FIFO: reading it would wait forever for a writer (subprocess, timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "p.jsonl.provenance.json")
+    code = "import sys; from nemo_hf.zeroshot.provenance import provenance_banner; print(provenance_banner(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.jsonl")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr

@@ -15,6 +15,8 @@ def provenance_path(predictions) -> Path:
 def provenance_banner(predictions) -> str | None:
     """For `nemo-hf eval`'s report: the oracle warning when zero-shot predictions used the instances oracle."""
     path = provenance_path(predictions)
+    if not path.is_file():  # absent, or a FIFO that would block the read forever
+        return None
     try:
         provenance = json.loads(path.read_text())
     except (OSError, ValueError):
