@@ -116,7 +116,7 @@ class EmbeddingCache:
                     keys, vectors = data["keys"], data["vectors"]
                 if vectors.ndim != 2 or len(keys) != len(vectors):
                     raise ValueError(f"{len(keys)} keys for vectors of shape {vectors.shape}")
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as err:
                 warnings.warn(f"embedding cache: dropping unreadable chunk {chunk} ({err}); it will be recomputed")
                 chunk.unlink(missing_ok=True)
                 continue
@@ -131,7 +131,7 @@ class EmbeddingCache:
             try:
                 with np.load(chunk, allow_pickle=False) as data:
                     present.update(data["keys"].tolist())
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile):
                 continue  # load() drops it and its embeddings are recomputed
         return present
 

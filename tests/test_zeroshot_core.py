@@ -294,3 +294,36 @@ def test_a_tampered_feature_cache_file_is_dropped_and_recomputed(tmp_path, name)
     with pytest.warns(UserWarning, match=r"dropping unreadable .*1\.npz"):
         assert cache.get(1) is None
     assert not (cache.directory / "1.npz").exists()
+
+
+def test_a_cache_file_declaring_a_huge_array_is_dropped_not_a_memory_error(tmp_path):
+    """A few hundred bytes whose .npy headers declare 10^14 floats: np.load allocates before reading
+    (MemoryError). Both caches treat it as unreadable. In a subprocess: the allocation is the risk."""
+    import subprocess
+    import sys
+
+    code = r'''
+import io, sys, warnings, zipfile
+from pathlib import Path
+from numpy.lib import format as npy
+from nemo_hf.embed import EmbeddingCache
+from nemo_hf.zeroshot.encode import FeatureCache
+
+header = io.BytesIO()
+npy.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**7)})
+def bomb(path, names):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in names:
+            z.writestr(name + ".npy", header.getvalue() + bytes(64))
+embeddings = EmbeddingCache(Path(sys.argv[1]) / "emb", {})
+bomb(embeddings.directory / "chunk-x.npz", ["keys", "vectors"])
+features = FeatureCache(Path(sys.argv[1]) / "feat", {"model": "test"})
+bomb(features.directory / "1.npz", ["size", "mask_size", "mask_counts", "crop_emb", "centroids", "image_emb"])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert embeddings.load() == {} and features.get(1) is None
+assert sum("dropping unreadable" in str(w.message) for w in caught) == 2, [str(w.message) for w in caught]
+print("dropped")
+'''
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "dropped" in done.stdout, done.stderr[-2000:]

@@ -160,7 +160,7 @@ class FeatureCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return ImageFeatures.from_npz(data)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as err:
             warnings.warn(f"feature cache: dropping unreadable {path} ({err}); it will be recomputed")
             path.unlink(missing_ok=True)
             return None
