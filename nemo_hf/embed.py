@@ -99,11 +99,7 @@ class EmbeddingCache:
     """
 
     def __init__(self, directory: str | Path, meta: dict):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        meta_path = self.directory / "meta.json"
-        if not meta_path.exists():
-            _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+        self.directory = cache_directory(directory, meta)
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.directory)!r})"
@@ -116,7 +112,7 @@ class EmbeddingCache:
                     keys, vectors = data["keys"], data["vectors"]
                 if vectors.ndim != 2 or len(keys) != len(vectors):
                     raise ValueError(f"{len(keys)} keys for vectors of shape {vectors.shape}")
-            except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as err:
+            except UNREADABLE_NPZ as err:
                 warnings.warn(f"embedding cache: dropping unreadable chunk {chunk} ({err}); it will be recomputed")
                 chunk.unlink(missing_ok=True)
                 continue
@@ -131,7 +127,7 @@ class EmbeddingCache:
             try:
                 with np.load(chunk, allow_pickle=False) as data:
                     present.update(data["keys"].tolist())
-            except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile):
+            except UNREADABLE_NPZ:
                 continue  # load() drops it and its embeddings are recomputed
         return present
 
@@ -141,6 +137,25 @@ class EmbeddingCache:
         buffer = io.BytesIO()
         np.savez(buffer, keys=np.asarray(keys, dtype=str), vectors=np.asarray(vectors, dtype=np.float32))
         _atomic_write(self.directory / f"chunk-{uuid.uuid4().hex}.npz", buffer.getvalue())
+
+
+# what np.load(allow_pickle=False) raises on a damaged, truncated or hostile .npz (a header declaring a huge array)
+UNREADABLE_NPZ = (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile)
+
+
+def key_digest(meta: dict) -> str:
+    """A short, stable name for a cache key."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cache_directory(directory: str | Path, meta: dict) -> Path:
+    """``directory``, made, with ``meta.json`` saying which key its files belong to (written once, atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "meta.json"
+    if not meta_path.exists():
+        _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+    return directory
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -344,8 +359,7 @@ class Embedder:
 
     def _open_cache(self, kind: str, cache_dir: str | Path) -> EmbeddingCache:
         meta = self.cache_key(kind)
-        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-        return EmbeddingCache(Path(cache_dir) / f"{kind}-{digest}", meta)
+        return EmbeddingCache(Path(cache_dir) / f"{kind}-{key_digest(meta)}", meta)
 
     def _embed(self, kind: str, keys: list[str], items: list, batches: Callable, cache_dir) -> np.ndarray:
         cache = None if cache_dir is None else self._open_cache(kind, cache_dir)

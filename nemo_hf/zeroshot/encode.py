@@ -9,11 +9,8 @@ every expression of the image and by any later run with the same model, proposer
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..embed import Embedder, _atomic_write, _normalised
+from ..embed import UNREADABLE_NPZ, Embedder, _atomic_write, _normalised, cache_directory, key_digest
 
 CACHE_FORMAT = 1
 
@@ -140,12 +137,7 @@ class FeatureCache:
 
     def __init__(self, directory: str | Path, key: dict):
         meta = {"format": CACHE_FORMAT, **key}
-        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-        self.directory = Path(directory) / digest
-        self.directory.mkdir(parents=True, exist_ok=True)
-        meta_path = self.directory / "meta.json"
-        if not meta_path.exists():
-            _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+        self.directory = cache_directory(Path(directory) / key_digest(meta), meta)
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.directory)!r})"
@@ -160,7 +152,7 @@ class FeatureCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return ImageFeatures.from_npz(data)
-        except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as err:
+        except UNREADABLE_NPZ as err:
             warnings.warn(f"feature cache: dropping unreadable {path} ({err}); it will be recomputed")
             path.unlink(missing_ok=True)
             return None
