@@ -317,18 +317,92 @@ def test_mine_refs_columns_and_provenance(tmp_path):
         mine_refs(refs + refs[:1], files, pool, embedder, params)
 
 
-def test_deep_lists_reach_past_what_the_filter_drops(caplog):
-    # tau="p80" drops ~20% of a 5000-image pool (~1000 images) per sentence, past the 768-deep lists:
-    # the deep lists are sized by that share, so sentences are decided from the lists, not the whole pool
+@pytest.mark.parametrize("mode", ["i2i", "t2i"])
+def test_lists_reach_past_what_the_filter_drops(mode, caplog):
+    # tau="p80" drops ~20% of a 5000-image pool (~1000 images) per sentence, past 768-deep lists.
+    # i2i: each own image's drops are excluded from its sentences' lists, which stay top_k-sized;
+    # t2i: the deep lists are sized by that share. Either way sentences are decided from the lists.
     rng = np.random.default_rng(4)
     text, own, images = clustered(rng, 5000, 300, 32, 8)
     pool = np.arange(5000)
+    params = MiningParams(tau="p80", top_k=20, index="ivf", mode=mode)
     with caplog.at_level("INFO", logger="nemo_hf.mine"):
-        approx = select_negatives(text, own, images, pool, MiningParams(tau="p80", top_k=20, index="ivf"))
-    deep = [r.getMessage() for r in caplog.records if "top-" in r.getMessage()]
-    assert len(deep) == 2 and int(deep[1].split("top-")[1].split()[0]) >= 2 * 1000
+        approx = select_negatives(text, own, images, pool, params)
+    lists = [r.getMessage() for r in caplog.records if "top-" in r.getMessage()]
+    if mode == "i2i":
+        assert len(lists) == 1 and "drops excluded from top-96 lists" in lists[0]
+    else:
+        assert len(lists) == 2 and int(lists[1].split("top-")[1].split()[0]) >= 2 * 1000
     whole = [int(r.getMessage().split()[-2]) for r in caplog.records if "whole-pool" in r.getMessage()]
     assert sum(whole) <= 300 // 20
-    exact = select_negatives(text, own, images, pool, MiningParams(tau="p80", top_k=20))
+    exact = select_negatives(text, own, images, pool, MiningParams(tau="p80", top_k=20, mode=mode))
     recall = np.mean([len(np.intersect1d(exact.negatives(i)[0], approx.negatives(i)[0])) / 20 for i in range(300)])
     assert recall >= 0.9
+    if mode == "i2i":  # the exact filter holds for every pick, whatever the index found
+        for i in range(300):
+            assert (images[approx.negatives(i)[0]] @ images[own[i]] <= approx.tau).all()
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf", "ivfpq"])
+@pytest.mark.parametrize("mode", ["i2i", "t2i"])
+def test_memory_mapped_float16_pool_is_read_in_blocks_with_the_same_result(index, mode, tmp_path, monkeypatch):
+    rng = np.random.default_rng(11)
+    text, own, images = clustered(rng, 1500, 120, 32, 20)
+    path = tmp_path / "pool.npy"
+    np.save(path, images.astype(np.float16))
+    mapped = np.load(path, mmap_mode="r")
+    rounded = np.asarray(mapped, dtype=np.float32)  # the same values, in RAM
+    pool = np.sort(rng.choice(1500, 1300, replace=False))
+    params = MiningParams(tau="p95", top_k=10, mode=mode, index=index, sample_pairs=20_000)
+    in_ram = select_negatives(text, own, rounded, pool, params, threads=1)
+    from_map = select_negatives(text, own, mapped, pool, params, threads=1)
+    assert from_map.rows.tolist() == in_ram.rows.tolist() and from_map.tau == in_ram.tau
+    np.testing.assert_array_equal(from_map.scores, in_ram.scores)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivfpq"])
+def test_a_memory_mapped_pool_never_enters_ram_whole(index, tmp_path, monkeypatch):
+    # numpy's allocations (tracemalloc sees them) stay well under the pool's float32 size (102 MB),
+    # which np.asarray(memmap, np.float32) anywhere on the way would allocate at once
+    import tracemalloc
+
+    rng = np.random.default_rng(13)
+    path = tmp_path / "pool.npy"
+    pool_map = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(100_000, 256))
+    centers = unit(*rng.standard_normal((50, 256)))
+    for start in range(0, 100_000, 10_000):
+        noise = rng.standard_normal((10_000, 256)) / 16
+        pool_map[start : start + 10_000] = unit(*(centers[rng.integers(0, 50, 10_000)] + noise))
+    pool_map.flush()
+    mapped = np.load(path, mmap_mode="r")
+    own = rng.integers(0, 100_000, 20)
+    text = unit(*(np.asarray(mapped[np.sort(own)], np.float32) + rng.standard_normal((20, 256)) / 16))
+    own = np.sort(own)
+    monkeypatch.setattr("nemo_hf.mine._BLOCK_ROWS", 8192)
+    tracemalloc.start()
+    try:
+        selection = select_negatives(text, own, mapped, np.arange(100_000), MiningParams(index=index), threads=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (selection.counts == 20).all()
+    assert peak < 100_000 * 256 * 4 / 2, f"{peak / 2**20:.0f} MB allocated at the peak"
+
+
+def test_build_index_once_for_many_sentence_sets():
+    from nemo_hf.mine import build_index
+
+    rng = np.random.default_rng(12)
+    text, own, images = clustered(rng, 2000, 100, 32, 20)
+    pool = np.arange(100, 2000)
+    params = MiningParams(top_k=10, index="ivfpq")
+    index = build_index(images, pool, params)
+    assert index.ntotal == 1900
+    for part in (slice(0, 50), slice(50, 100)):
+        reused = select_negatives(text[part], own[part], images, pool, params, index=index)
+        built = select_negatives(text[part], own[part], images, pool, params)
+        assert reused.rows.tolist() == built.rows.tolist()
+    with pytest.raises(ValueError, match="exact search"):
+        build_index(images, pool, MiningParams())
+    with pytest.raises(ValueError, match="index holds 1900 vectors"):
+        select_negatives(text, own, images, np.arange(2000), params, index=index)
