@@ -339,9 +339,12 @@ def embed_share(
 
 
 def _unit_rows(emb: np.ndarray, name: str, in_ram: bool = True) -> np.ndarray:
-    """``emb`` checked to be L2-normalised rows, as float32 in RAM; with ``in_ram=False`` a float16 or
-    float32 array (a ``np.memmap`` of a pool too large for RAM) is checked block by block and kept as it is."""
-    kept = not in_ram and isinstance(emb, np.ndarray) and emb.dtype in (np.float16, np.float32)
+    """``emb`` checked to be L2-normalised rows, as contiguous float32 in RAM; with ``in_ram=False`` a
+    float16 array or a float16/float32 ``np.memmap`` (a pool too large for RAM) is checked block by
+    block and kept as it is."""
+    kept = not in_ram and isinstance(emb, np.ndarray) and (
+        emb.dtype == np.float16 or isinstance(emb, np.memmap) and emb.dtype == np.float32
+    )
     if not kept:
         emb = np.ascontiguousarray(emb, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] == 0:
