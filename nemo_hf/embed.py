@@ -122,7 +122,7 @@ class EmbeddingCache:
         return present
 
     def matrix_path(self, keys: Sequence[str]) -> Path:
-        """Where ``write_matrix`` puts the matrix of ``keys``: named by their ordered list, so the same list finds it again."""
+        """Where ``write_matrix`` puts the matrix of ``keys``: named by their ordered list, which finds it again."""
         digest = hashlib.sha256()
         for key in keys:
             digest.update(key.encode() + b"\0")
@@ -155,8 +155,9 @@ class EmbeddingCache:
                     out[dst] = vectors[src]
             if row_of:
                 raise RuntimeError(
-                    f"image {next(iter(row_of)).split(':')[0]}: its embedding left the cache {self.directory} while "
-                    "the matrix was filled (a chunk was removed, or found unreadable and dropped); run again to recompute it"
+                    f"image {next(iter(row_of)).split(':')[0]}: its embedding left the cache {self.directory} "
+                    "while the matrix was filled (a chunk was removed, or found unreadable and dropped); "
+                    "run again to recompute it"
                 )
             if repeats:
                 dst, src = np.array(repeats).T
@@ -165,7 +166,7 @@ class EmbeddingCache:
             del out
             with tmp.open("rb+") as handle:
                 os.fsync(handle.fileno())
-            matrix = np.load(tmp, mmap_mode="r")  # mapped before the rename: another run's clean-up cannot remove it first
+            matrix = np.load(tmp, mmap_mode="r")  # mapped before the rename: another run's clean-up cannot remove it
             os.replace(tmp, path)
             matrix.filename = os.path.abspath(path)
         except BaseException:

@@ -175,6 +175,12 @@ def matrices(cache_dir: Path) -> list[Path]:
     return sorted(cache_dir.rglob("matrix-*.npy"))
 
 
+def _key(image) -> str:
+    from nemo_hf.embed import _image_key
+
+    return _image_key(*image)
+
+
 @needs_clip_files
 def test_memory_map_equals_the_array_in_ram(tmp_path):
     embedder = make_embedder(cache_chunk=3)
@@ -232,14 +238,17 @@ def test_memory_map_reuses_its_file_and_replaces_it_for_other_images(tmp_path):
     assert len(matrices(tmp_path)) == 1
 
     [path] = matrices(tmp_path)
-    path.write_bytes(path.read_bytes()[:200])  # cut short: rewritten, not served
-    np.testing.assert_array_equal(embedder.embed_images(IMAGES[::-1], cache_dir=tmp_path, memory_map=True), reference[::-1])
-    np.save(path, np.zeros((7, 8), np.float32))  # another shape
-    np.testing.assert_array_equal(embedder.embed_images(IMAGES[::-1], cache_dir=tmp_path, memory_map=True), reference[::-1])
-    path.unlink()
-    os.mkfifo(path)  # reading it would block
-    np.testing.assert_array_equal(embedder.embed_images(IMAGES[::-1], cache_dir=tmp_path, memory_map=True), reference[::-1])
-    assert path.is_file() and counter.calls == 0
+    damage = [
+        lambda: path.write_bytes(path.read_bytes()[:200]),  # cut short
+        lambda: np.save(path, np.zeros((7, 8), np.float32)),  # another shape
+        lambda: (path.unlink(), os.mkfifo(path)),  # reading it would block
+    ]
+    for damaged in damage:  # rewritten, not served
+        damaged()
+        rebuilt = embedder.embed_images(IMAGES[::-1], cache_dir=tmp_path, memory_map=True)
+        np.testing.assert_array_equal(rebuilt, reference[::-1])
+        assert matrices(tmp_path) == [path] and path.is_file()
+    assert counter.calls == 0
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -269,12 +278,6 @@ def test_memory_map_refuses_to_leave_a_row_unfilled(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="image 4: its embedding left the cache"):
         embedder.embed_images(IMAGES[:5], cache_dir=tmp_path, memory_map=True)
     assert not matrices(tmp_path) and not list(tmp_path.rglob("*.tmp"))
-
-
-def _key(image):
-    from nemo_hf.embed import _image_key
-
-    return _image_key(*image)
 
 
 @needs_clip_files
