@@ -5,6 +5,8 @@ Embeddings are L2-normalised float32. The cache is keyed by everything that chan
 identity, dtype, preprocessing, nemo_hf version) and then per image id and content (bytes' digest, or file
 size and modification time), or per sentence id and text;
 it is written in chunks, each atomically, so an interrupted run resumes where it stopped.
+Image embeddings can also come as a memory-mapped ``.npy`` matrix filled from the cache chunk by chunk,
+for pools too large to hold in RAM.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import io
 import json
 import logging
 import os
+import stat
 import uuid
 import warnings
 import zipfile
@@ -106,30 +109,86 @@ class EmbeddingCache:
 
     def load(self) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
-        for chunk in sorted(self.directory.glob("chunk-*.npz")):
-            try:
-                with np.load(chunk, allow_pickle=False) as data:
-                    keys, vectors = data["keys"], data["vectors"]
-                if vectors.ndim != 2 or len(keys) != len(vectors):
-                    raise ValueError(f"{len(keys)} keys for vectors of shape {vectors.shape}")
-            except UNREADABLE_NPZ as err:
-                warnings.warn(f"embedding cache: dropping unreadable chunk {chunk} ({err}); it will be recomputed")
-                chunk.unlink(missing_ok=True)
-                continue
-            for key, vector in zip(keys.tolist(), vectors):
+        for keys, vectors in self._chunks():
+            for key, vector in zip(keys, vectors):
                 found.setdefault(key, vector)
         return found
 
     def keys(self) -> set[str]:
-        """The keys present, read without their vectors (unreadable chunks count as absent)."""
+        """The keys present, read without their vectors."""
         present: set[str] = set()
+        for keys, _ in self._chunks(vectors=False):
+            present.update(keys)
+        return present
+
+    def matrix_path(self, keys: Sequence[str]) -> Path:
+        """Where ``write_matrix`` puts the matrix of ``keys``: named by their ordered list, which finds it again."""
+        digest = hashlib.sha256()
+        for key in keys:
+            digest.update(key.encode() + b"\0")
+        return self.directory / f"matrix-{digest.hexdigest()[:20]}.npy"
+
+    def write_matrix(self, path: Path, keys: Sequence[str], dim: int) -> np.memmap:
+        """Write ``path``, a ``(len(keys), dim)`` float32 ``.npy`` file whose row i is ``keys[i]``'s vector, and
+        return it memory-mapped read-only.
+
+        Filled one chunk at a time: RAM holds one chunk and a key -> row dict, never the matrix, so a pool
+        of millions of images can be mined. Written under a temporary name, then renamed; the other
+        ``matrix-*.npy`` files here are removed first, since each is as large as a pool's embeddings.
+        """
+        for old in self.directory.glob("matrix-*.npy"):
+            if old != path and not old.is_dir():
+                old.unlink(missing_ok=True)
+        row_of: dict[str, int] = {}
+        repeats = []  # (row, the first row of its key)
+        for row, key in enumerate(keys):
+            first = row_of.setdefault(key, row)
+            if first != row:
+                repeats.append((row, first))
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(keys), dim))
+            for chunk_keys, vectors in self._chunks():
+                hits = [(i, row_of.pop(key)) for i, key in enumerate(chunk_keys) if key in row_of]  # first chunk wins
+                if hits:
+                    src, dst = np.array(hits).T
+                    out[dst] = vectors[src]
+            if row_of:
+                raise RuntimeError(
+                    f"image {next(iter(row_of)).split(':')[0]}: its embedding left the cache {self.directory} "
+                    "while the matrix was filled (a chunk was removed, or found unreadable and dropped); "
+                    "run again to recompute it"
+                )
+            if repeats:
+                dst, src = np.array(repeats).T
+                out[dst] = out[src]
+            out.flush()
+            del out
+            with tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            matrix = np.load(tmp, mmap_mode="r")  # mapped before the rename: another run's clean-up cannot remove it
+            os.replace(tmp, path)
+            matrix.filename = os.path.abspath(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a matrix is as large as the pool's embeddings: leave no partial one
+            raise
+        return matrix
+
+    def _chunks(self, vectors: bool = True) -> Iterator[tuple[list[str], np.ndarray | None]]:
+        """Each readable chunk's keys and (``vectors``) vectors, in file-name order; one that cannot be read
+        is dropped with a warning (class docstring), so its embeddings count as missing."""
         for chunk in sorted(self.directory.glob("chunk-*.npz")):
             try:
                 with np.load(chunk, allow_pickle=False) as data:
-                    present.update(data["keys"].tolist())
-            except UNREADABLE_NPZ:
-                continue  # load() drops it and its embeddings are recomputed
-        return present
+                    keys = data["keys"]
+                    found = data["vectors"] if vectors else None
+                if keys.ndim != 1 or found is not None and (found.ndim != 2 or len(keys) != len(found)):
+                    raise ValueError(f"keys of shape {keys.shape} for vectors of shape {getattr(found, 'shape', None)}")
+            except UNREADABLE_NPZ as err:
+                warnings.warn(f"embedding cache: dropping unreadable chunk {chunk} ({err}); it will be recomputed")
+                chunk.unlink(missing_ok=True)
+                continue
+            yield keys.tolist(), found
 
     def append(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         if not len(keys):
@@ -165,6 +224,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _read_matrix(path: Path, shape: tuple[int, int]) -> np.memmap | None:
+    """The float32 matrix of ``shape`` that ``path`` holds, memory-mapped read-only; None when it is absent or
+    anything else (damaged, another shape, not a regular file: a FIFO would block the read), to be rewritten."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+    except UNREADABLE_NPZ:
+        return None
+    if matrix.dtype != np.float32 or matrix.shape != shape or not matrix.flags.c_contiguous:
+        return None
+    return matrix
 
 
 class _ImageFiles(Dataset):
@@ -308,10 +381,29 @@ class Embedder:
         }
 
     def embed_images(
-        self, images: Sequence[tuple[int, str | Path | bytes]], cache_dir: str | Path | None = None
+        self,
+        images: Sequence[tuple[int, str | Path | bytes]],
+        cache_dir: str | Path | None = None,
+        memory_map: bool = False,
     ) -> np.ndarray:
-        """(n, dim) float32 for ``(image_id, file path or encoded bytes)`` pairs, in their order."""
-        return self._embed(*self._image_job(images), cache_dir)
+        """(n, dim) float32 for ``(image_id, file path or encoded bytes)`` pairs, in their order.
+
+        ``memory_map``: a read-only ``np.memmap`` of a ``.npy`` file in the cache (``cache_dir`` needed)
+        instead of an array in RAM, for pools whose embeddings would not fit there (10M images x 512
+        dims: 20 GB). The same call again maps the same file without rewriting it.
+        """
+        kind, keys, items, batches = self._image_job(images)
+        if not memory_map:
+            return self._embed(kind, keys, items, batches, cache_dir)
+        if cache_dir is None:
+            raise ValueError("memory_map=True needs a cache_dir: the matrix file is kept in the cache")
+        cache = self._open_cache(kind, cache_dir)
+        path = cache.matrix_path(keys)
+        matrix = _read_matrix(path, (len(keys), self.dim))
+        if matrix is None:  # what the cache lacks goes into it chunk by chunk, then the matrix is filled from it
+            self._compute(kind, keys, items, batches, _missing(keys, cache.keys()), cache, None)
+            matrix = cache.write_matrix(path, keys, self.dim)
+        return matrix
 
     def embed_texts(self, texts: Sequence[tuple[int, str]], cache_dir: str | Path | None = None) -> np.ndarray:
         """(n, dim) float32 for ``(sent_id, text)`` pairs, in their order; cached per id and text."""

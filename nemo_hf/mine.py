@@ -285,13 +285,18 @@ def mine_refs(
     ``train_refs``: rows with ``ref_id``, ``image_id``, ``sentences`` [{``sent_id``, ``sent``}].
     ``image_files``: image id -> file path or encoded bytes, for every pool image and every ref's own
     image (own images may lie outside the pool, e.g. google splits). ``embedder``: an
-    ``nemo_hf.embed.Embedder``. Returns ref_id -> ``RefNegatives`` (negatives as image ids) and the
-    provenance dict for the build manifest: everything the result depends on (model identity,
-    embedding dtype and preprocessing, the params, the resolved tau) and its counts.
+    ``nemo_hf.embed.Embedder``. ``cache_dir``: its embedding cache; with an approximate ``params.index``
+    the image embeddings are memory-mapped from a matrix file there. Returns ref_id -> ``RefNegatives``
+    (negatives as image ids) and the provenance dict for the build manifest: everything the result
+    depends on (model identity, embedding dtype and preprocessing, the params, the resolved tau) and
+    its counts.
     """
     inputs = _MiningInputs.of(train_refs, image_files, pool_image_ids)
     image_ids, pool_ids = inputs.image_ids, inputs.pool_ids
-    image_emb = embedder.embed_images(inputs.images(image_files), cache_dir=cache_dir)
+    # An approximate index reads the pool from a memory-mapped file (millions of images need not fit in RAM);
+    # the exact search scores every image against every sentence, so it holds them in RAM anyway.
+    memory_map = params.index != "flat" and cache_dir is not None
+    image_emb = embedder.embed_images(inputs.images(image_files), cache_dir=cache_dir, memory_map=memory_map)
     text_emb = embedder.embed_texts(inputs.sentences(), cache_dir=cache_dir)
     text_image_row = np.searchsorted(image_ids, inputs.own_image_ids)
     pool_rows = np.searchsorted(image_ids, pool_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,115 @@ def test_unreadable_chunk_is_recomputed(tmp_path):
         again = embedder.embed_images(IMAGES, cache_dir=tmp_path)
     assert counter.calls >= 1 and not chunk.exists()
     np.testing.assert_allclose(again, reference, atol=1e-6)
+
+
+def matrices(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.rglob("matrix-*.npy"))
+
+
+def _key(image) -> str:
+    from nemo_hf.embed import _image_key
+
+    return _image_key(*image)
+
+
+@needs_clip_files
+def test_memory_map_equals_the_array_in_ram(tmp_path):
+    embedder = make_embedder(cache_chunk=3)
+    counter = ForwardCounter(embedder.model.vision_model)
+    (tmp_path / "5.jpg").write_bytes(IMAGES[5][1])
+    images = [(i, tmp_path / "5.jpg" if i == 5 else data) for i, data in IMAGES] + [IMAGES[2], IMAGES[0], IMAGES[2]]
+    embedder.embed_images(images[:3], cache_dir=tmp_path)  # the cache holds 3 of the 7 distinct images
+    assert counter.calls == 2
+    mapped = embedder.embed_images(images, cache_dir=tmp_path, memory_map=True)
+    assert counter.calls == 4  # the 4 others, in two batches of two
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32 and mapped.shape == (10, 16)
+    assert matrices(tmp_path) == [Path(mapped.filename)] and Path(mapped.filename).parent.name.startswith("image-")
+    np.testing.assert_array_equal(mapped, embedder.embed_images(images, cache_dir=tmp_path))
+    np.testing.assert_array_equal(mapped[[7, 8, 9]], mapped[[2, 0, 2]])
+    assert counter.calls == 4
+    assert not mapped.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        mapped[0, 0] = 0
+    with pytest.raises(ValueError, match="cache_dir"):
+        embedder.embed_images(images, memory_map=True)
+
+
+@needs_clip_files
+def test_memory_map_takes_a_key_from_its_first_chunk_as_the_array_in_ram_does(tmp_path):
+    embedder = make_embedder()
+    embedder.embed_images(IMAGES[:3], cache_dir=tmp_path)
+    [folder] = tmp_path.glob("image-*")
+    rng = np.random.default_rng(0)
+    for name in ("chunk-0.npz", "chunk-z.npz"):  # before and after every uuid-named chunk
+        np.savez(folder / name, keys=np.array([_key(IMAGES[1])]), vectors=rng.normal(size=(1, 16)).astype(np.float32))
+    mapped = embedder.embed_images(IMAGES[:3], cache_dir=tmp_path, memory_map=True)
+    np.testing.assert_array_equal(mapped[1], np.load(folder / "chunk-0.npz")["vectors"][0])
+    np.testing.assert_array_equal(mapped, embedder.embed_images(IMAGES[:3], cache_dir=tmp_path))
+
+
+@needs_clip_files
+def test_memory_map_reuses_its_file_and_replaces_it_for_other_images(tmp_path):
+    embedder = make_embedder()
+    first = embedder.embed_images(IMAGES, cache_dir=tmp_path, memory_map=True)
+    reference = np.array(first)
+    [path] = matrices(tmp_path)
+    before = path.stat()
+    counter = ForwardCounter(embedder.model.vision_model)
+    again = embedder.embed_images(IMAGES, cache_dir=tmp_path, memory_map=True)
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns) and counter.calls == 0
+    np.testing.assert_array_equal(again, reference)
+
+    subset = embedder.embed_images(IMAGES[:5], cache_dir=tmp_path, memory_map=True)
+    [other] = matrices(tmp_path)
+    assert other != path and counter.calls == 0
+    np.testing.assert_array_equal(subset, reference[:5])
+    reordered = embedder.embed_images(IMAGES[::-1], cache_dir=tmp_path, memory_map=True)
+    np.testing.assert_array_equal(reordered, reference[::-1])
+    assert len(matrices(tmp_path)) == 1
+
+    [path] = matrices(tmp_path)
+    damage = [
+        lambda: path.write_bytes(path.read_bytes()[:200]),  # cut short
+        lambda: np.save(path, np.zeros((7, 8), np.float32)),  # another shape
+        lambda: (path.unlink(), os.mkfifo(path)),  # reading it would block
+    ]
+    for damaged in damage:  # rewritten, not served
+        damaged()
+        rebuilt = embedder.embed_images(IMAGES[::-1], cache_dir=tmp_path, memory_map=True)
+        np.testing.assert_array_equal(rebuilt, reference[::-1])
+        assert matrices(tmp_path) == [path] and path.is_file()
+    assert counter.calls == 0
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@needs_clip_files
+def test_memory_map_recomputes_an_unreadable_chunk(tmp_path):
+    embedder = make_embedder(cache_chunk=3)
+    reference = embedder.embed_images(IMAGES, cache_dir=tmp_path)
+    chunk = sorted(tmp_path.rglob("chunk-*.npz"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])  # a write cut short
+    counter = ForwardCounter(embedder.model.vision_model)
+    with pytest.warns(UserWarning, match="unreadable chunk"):
+        mapped = embedder.embed_images(IMAGES, cache_dir=tmp_path, memory_map=True)
+    assert counter.calls >= 1 and not chunk.exists()
+    np.testing.assert_allclose(mapped, reference, atol=1e-6)
+    np.testing.assert_array_equal(mapped, embedder.embed_images(IMAGES, cache_dir=tmp_path))
+
+
+@needs_clip_files
+def test_memory_map_refuses_to_leave_a_row_unfilled(tmp_path, monkeypatch):
+    """A chunk that vanishes between listing the cache and filling the matrix: an error, not a row of zeros."""
+    from nemo_hf.embed import EmbeddingCache
+
+    embedder = make_embedder()
+    embedder.embed_images(IMAGES[:3], cache_dir=tmp_path)
+    listed = EmbeddingCache.keys
+    monkeypatch.setattr(EmbeddingCache, "keys", lambda self: listed(self) | {_key(IMAGES[4])})
+    with pytest.raises(RuntimeError, match="image 4: its embedding left the cache"):
+        embedder.embed_images(IMAGES[:5], cache_dir=tmp_path, memory_map=True)
+    assert not matrices(tmp_path) and not list(tmp_path.rglob("*.tmp"))
 
 
 @needs_clip_files

@@ -317,6 +317,40 @@ def test_mine_refs_columns_and_provenance(tmp_path):
         mine_refs(refs + refs[:1], files, pool, embedder, params)
 
 
+def test_mine_refs_memory_maps_the_pool_for_an_approximate_index(tmp_path, monkeypatch):
+    """With an approximate index and a cache, select_negatives gets the image embeddings as a read-only
+    memory map, and its negatives are those of the same rule on the embeddings held in RAM."""
+    import nemo_hf.mine as mine
+    from nemo_hf.embed import demo_embedder
+
+    with pytest.warns(UserWarning, match="MEANINGLESS"):
+        embedder = demo_embedder(progress=False, num_workers=0, batch_size=8)
+    files = {image_id: _jpeg(image_id) for image_id in range(1, 41)}
+    refs = [
+        {"ref_id": r, "image_id": 1 + 7 * r, "sentences": [{"sent_id": 10 * r, "sent": text}]}
+        for r, text in enumerate(["man on the left", "red car", "the dog", "small white cup", "woman with a hat"])
+    ]
+    calls = []
+
+    def spy(text_emb, text_image_row, image_emb, pool_rows, params):
+        calls.append((text_emb, text_image_row, image_emb, pool_rows, params))
+        return select_negatives(text_emb, text_image_row, image_emb, pool_rows, params)
+
+    monkeypatch.setattr(mine, "select_negatives", spy)
+    pool = list(range(1, 41))
+    for index in ("ivf", "flat"):
+        params = MiningParams(tau="p90", top_k=4, sample_pairs=400, index=index)
+        columns, _ = mine_refs(refs, files, pool, embedder, params, cache_dir=tmp_path / "cache")
+        text_emb, text_image_row, image_emb, pool_rows, _ = calls[-1]
+        assert isinstance(image_emb, np.memmap) == (index == "ivf")
+        in_ram = embedder.embed_images(sorted(files.items()), cache_dir=tmp_path / "cache")
+        np.testing.assert_array_equal(image_emb, in_ram)
+        expected = select_negatives(text_emb, text_image_row, in_ram, pool_rows, params)
+        negatives = [columns[ref["ref_id"]].negatives[0] for ref in refs]
+        assert negatives == [(1 + expected.negatives(i)[0]).tolist() for i in range(len(refs))]  # row + 1 = image id
+    assert not calls[0][2].flags.writeable
+
+
 @pytest.mark.parametrize("mode", ["i2i", "t2i"])
 def test_lists_reach_past_what_the_filter_drops(mode, caplog):
     # tau="p80" drops ~20% of a 5000-image pool (~1000 images) per sentence, past 768-deep lists.
