@@ -43,9 +43,10 @@ import numpy as np
 from nemo_hf.mine import MiningParams, build_index, select_negatives
 
 
-def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 0, image=None):
+def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 0, image=None, per_image: int = 8):
     """Unit float32 (text, text_image_row, image) with clusters, a shared image direction and a modality gap.
 
+    Sentences come ``per_image`` to an own image, as in RefCOCO (142k sentences on 17k images).
     ``image``: an (n_images, dim) array to fill (e.g. a float16 memory map) instead of a new float32 one."""
     rng = np.random.default_rng(seed)
     shared, text_dir = _unit(rng.standard_normal((2, dim)))
@@ -59,7 +60,8 @@ def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 
         part = slice(start, start + 65536)
         noise = _unit(rng.standard_normal((len(cluster[part]), dim), dtype=np.float32))
         image[part] = _unit(0.6 * shared + tightness[part] * centers[cluster[part]] + 0.5 * noise)
-    own = rng.integers(0, n_images, n_sentences)
+    owners = rng.choice(n_images, size=min(n_images, -(-n_sentences // per_image)), replace=False)
+    own = np.sort(np.resize(owners, n_sentences))
     text = np.empty((n_sentences, dim), dtype=np.float32)
     for start in range(0, n_sentences, 16384):
         part = own[start : start + 16384]

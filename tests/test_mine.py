@@ -202,6 +202,7 @@ def test_search_with_duplicate_images_in_many_blocks(mode, monkeypatch):
     pool = np.sort(rng.choice(500, 420, replace=False))
     params = MiningParams(tau="p95", top_k=9, mode=mode, sample_pairs=20_000)
     monkeypatch.setattr("nemo_hf.mine._RuleSearch.block_bytes", 16 * 4 * len(pool))
+    monkeypatch.setattr("nemo_hf.mine._RuleSearch.min_rows", 1)
     sel = select_negatives(text, own, images, pool, params, threads=2)
     assert_rule_up_to_rounding(sel, text, own, images, pool, 9, mode)
     assert select_negatives(text, own, images, pool, params, threads=1).rows.tolist() == sel.rows.tolist()
@@ -264,6 +265,7 @@ def test_approximate_indexes_recall(index):
         rows, scores = approx.negatives(i)
         np.testing.assert_allclose(scores, images[rows] @ text[i], atol=1e-6)
         assert (np.diff(scores) <= 0).all()
+        assert (images[rows] @ images[own[i]] <= approx.tau).all()  # the filter is exact, whatever the codes say
     own_picked = [own[i] in approx.negatives(i)[0] for i in range(200)]
     assert not any(own_picked)
 
