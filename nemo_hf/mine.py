@@ -13,9 +13,11 @@ Exact search is the default: each sentence's scores against the whole pool are c
 FAISS's heap selection (``faiss.kmax``) takes the first ``top_k`` of what is left. FAISS's own
 ``IndexFlatIP.search`` cannot do this: its ID filter is one set per call, not one per sentence, so it
 would need lists deep enough to outlast the filter, and a sentence deep in a cluster of its image's
-near-duplicates needs hundreds. IVF, IVF-PQ and HNSW indexes are options for pools far larger than
-COCO (on the GPUs when faiss-gpu sees any; HNSW stays on CPU): their top lists are re-scored exactly
-and filtered here, and the few sentences they leave short get the exact treatment.
+near-duplicates needs hundreds. (i2i with an approximate index groups sentences by own image, which
+gives one ID filter per call: see ``_RuleSearch``.) IVF, IVF-PQ and HNSW indexes are options for pools
+far larger than COCO (t2i ones on the GPUs when faiss-gpu sees any): their top lists are re-scored
+exactly and filtered here, and the few sentences they leave short get the exact treatment. The image
+embeddings may be a memory map (``select_negatives``).
 Scores are float32 dot products and ties go to the lower image row, so the result equals the rule
 computed in any other way up to the order of candidates whose cosines agree within float32 rounding.
 """
@@ -473,7 +475,8 @@ def _approximate_index(pool: _PoolVectors, params: MiningParams) -> faiss.Index:
     IVF and IVF-PQ: sqrt(n) lists, trained on a seeded sample of the pool (40 points a list, at least
     10k) so that training stays minutes at 100M images, an eighth of the lists probed (at least 32).
     IVF-PQ's codes: one byte per 8 dimensions (64 bytes for 512-d; fewer bits on small pools).
-    Vectors are added a block at a time, so a memory-mapped pool is never read whole.
+    Vectors are added a block at a time, so a memory-mapped pool is never read whole. With faiss-gpu,
+    t2i indexes live on the GPUs; i2i ones stay on CPU (see ``_RuleSearch``).
     """
     n, d = len(pool), pool.dim
     if params.index == "hnsw":
@@ -489,7 +492,8 @@ def _approximate_index(pool: _PoolVectors, params: MiningParams) -> faiss.Index:
             index = faiss.IndexIVFPQ(quantizer, d, nlist, _subquantizers(d), bits, faiss.METRIC_INNER_PRODUCT)
             index.pq.cp.seed = params.seed
         index.cp.seed = params.seed
-        index = _on_gpus(index)
+        if params.mode == "t2i":  # i2i searches need range search and ID selectors: FAISS has them on CPU only
+            index = _on_gpus(index)
         index.train(pool.take(_sample(np.random.default_rng(params.seed), np.arange(n), max(40 * nlist, 10_000))))
     for _, block in pool.blocks():
         index.add(block)
@@ -523,15 +527,14 @@ class _RuleSearch:
     """The rule on whole-pool score rows (exact), or on an approximate index's top lists.
 
     i2i on a CPU index: the filter depends only on the sentence's own image, so each own image's
-    drops are found first (a range search of the index at ``tau``, re-scored exactly: PQ codes that
-    under-rate a drop leave it to the exact re-filter below), and its sentences' lists are searched with those images excluded (a FAISS ID
-    selector): lists then need only ``top_k`` survivors' depth, whatever share of the pool the filter
-    drops. Lists are ``first_depth`` long (IVF-PQ: ``pq_depth`` times, re-scored exactly: its codes
-    order a list only roughly; recall@20 0.93 at 16x, 0.97 at 32x, 0.98 at 64x on a clustered 300k
-    pool), then
-    ``widen`` times that for the sentences left short.
+    drops are found first (a range search of the index at ``tau``, re-scored exactly; a drop whose PQ
+    code under-rates it is left to the exact re-filter below), and its sentences' lists are searched
+    with those images excluded (a FAISS ID selector): lists then need only ``top_k`` survivors' depth,
+    whatever share of the pool the filter drops. Lists are ``first_depth`` long (IVF-PQ: ``pq_depth``
+    times, re-scored exactly, since its codes order a list only roughly: recall@20 0.93 at 16x, 0.97 at
+    32x, 0.98 at 64x on a clustered 300k pool), then ``widen`` times that for the sentences left short.
 
-    t2i, and GPU indexes (no range search or selectors there): lists are ``first_depth`` long, then
+    t2i, and GPU indexes (no range search or selectors there; one passed in): lists are ``first_depth`` long, then
     ``widen * first_depth`` or ``top_k`` plus twice what the filter drops from a typical sentence's
     pool, if more (``tau="p99"`` drops 1% of the pool: 10k of a 1M pool); IVF-PQ searches once at four
     times that depth (a shallow list would hold survivors only by the codes' error and be accepted with
@@ -541,7 +544,8 @@ class _RuleSearch:
     short get their whole score row, which also settles the fallback. Lists are searched
     ``batch_entries`` (sentence, candidate) pairs at a time, score rows ``block_bytes`` of float32 at
     a time per thread, and at least ``min_rows`` (every block reads the whole pool: with fewer rows the
-    product waits on memory, 2.2x slower at 1M images). The i2i filter is computed along a list only as far as it takes to find ``top_k`` survivors.
+    product waits on memory, 2.2x slower at 1M images). The i2i filter is computed along a list only as
+    far as it takes to find ``top_k`` survivors.
     """
 
     widen, pq_depth, batch_entries, block_bytes, min_rows = 8, 64, 2**20, 2**26, 64
