@@ -530,9 +530,12 @@ class _RuleSearch:
     drops are found first (a range search of the index at ``tau``, re-scored exactly; a drop whose PQ
     code under-rates it is left to the exact re-filter below), and its sentences' lists are searched
     with those images excluded (a FAISS ID selector): lists then need only ``top_k`` survivors' depth,
-    whatever share of the pool the filter drops. Lists are ``first_depth`` long (IVF-PQ: ``pq_depth``
-    times, re-scored exactly, since its codes order a list only roughly: recall@20 0.93 at 16x, 0.97 at
-    32x, 0.98 at 64x on a clustered 300k pool), then ``widen`` times that for the sentences left short.
+    whatever share of the pool the filter drops. Lists are ``first_depth`` long, then ``widen`` times that
+    for those left short. IVF-PQ's are re-scored exactly and longer, since its codes order a list only
+    roughly, the more so the denser the pool: about 2.5% of the pool, from 16 to ``pq_depth`` times
+    ``first_depth`` (recall@20 on a clustered 10M pool: 0.77 at 32x, 0.85 at 64x, 0.92 at 128x, 0.96 at
+    256x for 11% more time than 64x; twice the probes gave 0.85. At 20k, 256x is the whole pool: 65x
+    the exact search's time).
 
     t2i, and GPU indexes (no range search or selectors there; one passed in): lists are ``first_depth`` long, then
     ``widen * first_depth`` or ``top_k`` plus twice what the filter drops from a typical sentence's
@@ -548,7 +551,7 @@ class _RuleSearch:
     far as it takes to find ``top_k`` survivors.
     """
 
-    widen, pq_depth, batch_entries, block_bytes, min_rows = 8, 64, 2**20, 2**26, 64
+    widen, pq_depth, batch_entries, block_bytes, min_rows = 8, 256, 2**20, 2**26, 64
 
     def __init__(self, text, own_rows, image, pool, tau: float, params: MiningParams):
         self.text, self.own_rows, self.image, self.pool, self.tau = text, own_rows, image, pool, tau
@@ -600,8 +603,9 @@ class _RuleSearch:
         images, first = np.unique(self.own_rows[todo], return_index=True)
         groups = np.split(todo, first[1:])
         depths = [min(d, index.ntotal) for d in (self.first_depth, self.widen * self.first_depth)]
-        if self.rescore:
-            depths = [min(self.pq_depth * d, index.ntotal) for d in depths]
+        if self.rescore:  # about 2.5% of the pool, from 16 to pq_depth times first_depth (class docstring)
+            length = int(np.clip(len(self.pool) // 40, 16 * self.first_depth, self.pq_depth * self.first_depth))
+            depths = [min(length, index.ntotal), min(self.widen * length, index.ntotal)]
         _LOG.info("%s: %d own images' drops excluded from top-%d lists of %d sentences",
                   type(index).__name__, len(images), depths[0], len(todo))
         # range searches of about a million results at a time (12 bytes each)
