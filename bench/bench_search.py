@@ -88,11 +88,6 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def current_rss_gb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
 def anonymous_gb() -> float:
     """This process's own memory (RssAnon): what a memory map's page cache does not count in."""
     with open("/proc/self/status") as status:
@@ -176,7 +171,8 @@ def main() -> None:
     image = None
     if args.memmap:
         os.makedirs(args.memmap, exist_ok=True)
-        path = tempfile.mktemp(suffix=".npy", dir=args.memmap)
+        handle, path = tempfile.mkstemp(suffix=".npy", dir=args.memmap)
+        os.close(handle)
         image = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(args.images, args.dim))
     text, own, image = clustered_embeddings(args.images, args.sentences, args.dim, image=image)
     if args.memmap:

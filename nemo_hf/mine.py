@@ -611,6 +611,8 @@ class _RuleSearch:
         # range searches of about a million results at a time (12 bytes each)
         batch = max(1, min(256, int(2**20 // max(1.0, 2 * self.dropped_share * len(self.pool)))))
         starts = range(0, len(images), batch)
+        hnsw = isinstance(index, faiss.IndexHNSW)
+        nprobe = None if hnsw else faiss.extract_index_ivf(index).nprobe  # search parameters replace the index's
 
         def search_batch(start: int) -> list[np.ndarray]:
             faiss.omp_set_num_threads(1)  # this thread's OpenMP setting
@@ -625,10 +627,10 @@ class _RuleSearch:
                 excluded = faiss.IDSelectorBatch(drops)
                 allowed = faiss.IDSelectorNot(excluded)  # holds ``excluded``'s address: both live until the end
                 for depth in depths:
-                    if isinstance(index, faiss.IndexHNSW):
+                    if hnsw:
                         params = faiss.SearchParametersHNSW(sel=allowed, efSearch=max(64, 2 * depth))
                     else:
-                        params = faiss.SearchParametersIVF(sel=allowed, nprobe=faiss.extract_index_ivf(index).nprobe)
+                        params = faiss.SearchParametersIVF(sel=allowed, nprobe=nprobe)
                     sent = self._lists(index, sent, depth, params)
                     if not sent.size:
                         break
