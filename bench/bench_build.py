@@ -33,7 +33,7 @@ def main() -> None:
 
     import nemo_hf
     from nemo_hf.folder import build_folder
-    from nemo_hf.synthetic import make_refer_source
+    from nemo_hf.source.synthetic import make_refer_source
 
     work = Path(args.work)
     source = work / "source"
@@ -46,7 +46,7 @@ def main() -> None:
     t = time.perf_counter()
     out = build_folder(source, work / "folder", args.configs, mining=None)
     build_s = time.perf_counter() - t
-    report = nemo_hf.folder.BuildReport.read(out)
+    report = nemo_hf.folder.build.BuildReport.read(out)
     for name, entry in report.configs.items():
         print(name, {s: (v["rows"], v.get("sentences")) for s, v in entry["splits"].items()})
     print(f"build ({', '.join(args.configs)} + images, no mining): {build_s:.1f} s, folder {folder_size(out) / 1e9:.2f} GB")

@@ -12,7 +12,7 @@ flips and colour jitter, written to a temporary directory.
 
     python bench/bench_embed.py [--images 256] [--batch-size 64] [--repeats 2]
 
-``--processes 2`` instead measures the split across ranks (``nemo_hf.distributed``): the tiny demo
+``--processes 2`` instead measures the split across ranks (``nemo_hf.mining.ranks``): the tiny demo
 CLIP embeds the same JPEGs into a fresh cache once as 1 rank and once as 2 ranks (local processes
 launched as torchrun does, gloo), each rank timed between the barrier after listing the cache and
 the barrier after embedding (start-up excluded); it reports images/s and how many each rank embedded.
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from nemo_hf.embed import Embedder, ModelIdentity, available_cores
+from nemo_hf.mining.embed import Embedder, available_cores
+from nemo_hf.mining.identity import ModelIdentity
 
 SHARED = Path("/work/shared")
 CLIP = SHARED / "models/clip-vit-base-patch32-notweights"
@@ -70,8 +71,8 @@ def coco_like_jpegs(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
 
 def _rank_worker(listing: Path, cache: Path, batch_size: int) -> None:
     """One rank: embed its share of the listed images, print its count and seconds as JSON (rank 0)."""
-    from nemo_hf.distributed import launched_ranks
-    from nemo_hf.embed import demo_embedder
+    from nemo_hf.mining.ranks import launched_ranks
+    from nemo_hf.mining.embed import demo_embedder
 
     embedder = demo_embedder(batch_size=batch_size, progress=False)
     items = list(enumerate(json.loads(listing.read_text())))

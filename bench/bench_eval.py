@@ -56,10 +56,10 @@ def column_bytes(path: Path, prefix: str) -> int:
 def build_cost(source: Path, work: Path, repeats: int) -> Path:
     import pyarrow.parquet as pq
 
-    from nemo_hf import refer
+    from nemo_hf.source import refer
     from nemo_hf.folder import build_folder
 
-    from nemo_hf import source as source_module
+    from nemo_hf.source import reader as source_module
 
     real = refer.image_objects
     results = {}
@@ -100,10 +100,10 @@ def scoring(folder: Path, work: Path, n_expressions: int, repeats: int) -> None:
     import pyarrow.parquet as pq
     from pycocotools import mask as mask_utils
 
-    from nemo_hf.evaluate import Expressions, evaluate_predictions, format_report, split_tables
+    from nemo_hf.evaluation import Expressions, evaluate_predictions, format_report, split_tables
     from nemo_hf.folder import BuildReport
-    from nemo_hf.predictions import write_predictions
-    from nemo_hf.refer import encode_rle
+    from nemo_hf.evaluation.predictions import write_predictions
+    from nemo_hf.masks import encode_rle
 
     # the split: every refs row of the folder, repeated with fresh sent_ids until n_expressions
     report = BuildReport.read(folder)
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--keep-source", action="store_true", help="reuse a source generated earlier")
     args = parser.parse_args()
 
-    from nemo_hf.synthetic import make_refer_source
+    from nemo_hf.source.synthetic import make_refer_source
 
     work = Path(args.work)
     source = work / "source"

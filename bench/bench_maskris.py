@@ -92,7 +92,7 @@ def report(times: dict, base_name: str, goal_name: str, goal: float) -> None:
 def bench_collation(repeats: int) -> None:
     from transformers import CLIPSegProcessor, CLIPTokenizerFast, ViTImageProcessorPil
 
-    from nemo_hf.maskris import MaskRIS, mask_image_patches
+    from nemo_hf.transforms.maskris import MaskRIS, mask_image_patches
     from nemo_hf.training import RISCollator
 
     torch.set_num_threads(1)
@@ -154,7 +154,7 @@ def trainer_for(model, processor, maskris, output_dir):
 
 def batches(processor, batch_size: int):
     """The same collated rows with and without MaskRIS's views (plain steps must not see the extra keys)."""
-    from nemo_hf.maskris import MaskRIS
+    from nemo_hf.transforms.maskris import MaskRIS
     from nemo_hf.training import RISCollator
 
     size = processor.image_processor.size["height"]
@@ -164,7 +164,7 @@ def batches(processor, batch_size: int):
 
 
 def bench_steps(sizes: list[str], repeats: int) -> None:
-    from nemo_hf.maskris import MaskRIS
+    from nemo_hf.transforms.maskris import MaskRIS
 
     torch.set_num_threads(1)  # CPU time of one thread is what a shared machine measures best
     print(f"\n2. training step (training_step + SGD step), 1 thread, median of {repeats} interleaved rounds")
@@ -200,7 +200,7 @@ def status_kib(field: str) -> int:
 def memory_child(size: str, strategy: str) -> None:
     """One loss + backward in this fresh process; prints how far the peak RSS rose above the RSS just
     before the step, in MiB, as JSON (Linux: the peak is reset through /proc/self/clear_refs first)."""
-    from nemo_hf.maskris import MaskRIS
+    from nemo_hf.transforms.maskris import MaskRIS
 
     model, processor, batch_size = clipseg(size)
     plain_batch, masked_batch = batches(processor, 4 * batch_size)  # activations, not weights, should dominate

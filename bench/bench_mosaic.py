@@ -39,7 +39,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageEnhance, ImageOps
 
-from nemo_hf.refer import decode_rle, encode_rle
+from nemo_hf.masks import decode_rle, encode_rle
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "images"  # ../shared beside the checkout
 SIZE = (640, 480)
@@ -174,7 +174,7 @@ def measure(args) -> dict:
     """One process: CPU and wall ms per sample of each run, and the DataLoader figures."""
     import torch
 
-    from nemo_hf.mosaic import NeMoMosaic
+    from nemo_hf.transforms.mosaic import NeMoMosaic
 
     torch.set_num_threads(1)
     blobs, images, refs, rows = build(args.n)

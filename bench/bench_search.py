@@ -7,7 +7,7 @@ removes the sentence's cluster-mates, which are its best t2i candidates.
 
 The floor is the blocked float32 product ``text @ image.T`` with numpy BLAS (the full 140k x 20k
 matrix would take 11 GB, so it is computed in blocks and dropped), BLAS on all cores; the selection
-is ``nemo_hf.mine.select_negatives`` on the same arrays in the same run: the same product in blocks,
+is ``nemo_hf.mining.negatives.select_negatives`` on the same arrays in the same run: the same product in blocks,
 one block per core, plus the filter (for i2i, one image-image row per distinct own image, about a
 seventh of the product here), FAISS's top-k heap, and the fallbacks. Peak memory is the process's peak
 RSS (``resource.getrusage``), which includes the inputs.
@@ -40,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from nemo_hf.mine import MiningParams, build_index, select_negatives
+from nemo_hf.mining.negatives import MiningParams, build_index, select_negatives
 
 
 def clustered_embeddings(n_images: int, n_sentences: int, dim: int, seed: int = 0, image=None, per_image: int = 8):

@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nemo_hf.embed import Embedder, ModelIdentity, available_cores
+from nemo_hf.mining.embed import Embedder, available_cores
+from nemo_hf.mining.identity import ModelIdentity
 from nemo_hf.folder import build_folder
-from nemo_hf.mosaic import ImageTable
-from nemo_hf.predictions import read_predictions
-from nemo_hf.refer import encode_rle
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.transforms.images import ImageTable
+from nemo_hf.evaluation.predictions import read_predictions
+from nemo_hf.masks import encode_rle
+from nemo_hf.source.synthetic import make_refer_source
 from nemo_hf.zeroshot.crops import centroid, masked_crop
 from nemo_hf.zeroshot.encode import ClipEncoder, ImageFeatures
 from nemo_hf.zeroshot.predict import expression_words

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import datasets
 
-from nemo_hf import __version__, progress, refer
-from nemo_hf.refer import ReferFormatError
+from nemo_hf import __version__, progress
 from nemo_hf.schema import DEFAULT_CONFIG, IMAGES_CONFIG, IMAGES_FEATURES, REFS_CONFIGS, REFS_FEATURES, TRAIN_SPLIT
-from nemo_hf.source import open_source
+from nemo_hf.source import refer
+from nemo_hf.source.reader import open_source
+from nemo_hf.source.refer import ReferFormatError
 
 DEMO_MODEL = "demo-random"  # a randomly initialised CLIP: for the offline demo only, its negatives mean nothing
 _DESCRIPTION = "RefCOCO / RefCOCO+ / RefCOCOg referring segmentation with NeMo hard-negative pools (nemo_hf)."
@@ -34,7 +35,7 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
         image_dir: COCO train2014 folder, default ``<source>/images/mscoco/images/train2014``.
         refs_configs: for ``images``: comma-separated refs configs whose images it holds (default: all present).
         mine: compute the negative columns for the train split (False leaves them empty).
-        model, model_revision, tau, top_k, mode, index: the mining settings (see ``nemo_hf.mine.MiningParams``).
+        model, model_revision, tau, top_k, mode, index: the mining settings (see ``nemo_hf.mining.negatives.MiningParams``).
         embed_cache_dir: where embeddings are cached between runs (default under the HF datasets cache).
         embed_batch_size: images or sentences per model forward.
         ``model="demo-random"`` mines with a randomly initialised CLIP: for the offline demo only.
@@ -121,8 +122,8 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
 
     def _mined(self, source, train_rows: list[dict]) -> list[dict]:
         """Copies of the train rows with their negative columns filled (the source's rows stay unmined)."""
-        from nemo_hf.embeddings import MiningEmbeddings
-        from nemo_hf.mine import mine_refs
+        from nemo_hf.folder.embeddings import MiningEmbeddings
+        from nemo_hf.mining.refs import mine_refs
 
         job = self._mining_job(source, train_rows)
         columns, self.provenance = mine_refs(train_rows, **job)
@@ -145,9 +146,9 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         return mined
 
     def embed_mining_share(self, ranks) -> dict[str, int]:
-        """Under several processes (``nemo_hf.distributed``): this rank's share of the embeddings this
+        """Under several processes (``nemo_hf.mining.ranks``): this rank's share of the embeddings this
         config's mining needs, into the shared embedding cache. Returns how many of each kind it embedded."""
-        from nemo_hf.mine import embed_share
+        from nemo_hf.mining.refs import embed_share
 
         source = open_source(self.config.source_root, self.config.image_dir)
         train_rows = source.rows(self.config.name)[0][TRAIN_SPLIT]
@@ -159,8 +160,8 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
 
     def _mining_job(self, source, train_rows: list[dict]) -> dict:
         """``mine_refs``'s arguments after the refs: images, pool, embedder, params, cache."""
-        from nemo_hf.embed import Embedder, demo_embedder
-        from nemo_hf.mine import MiningParams
+        from nemo_hf.mining.embed import Embedder, demo_embedder
+        from nemo_hf.mining.negatives import MiningParams
 
         tau = self.config.tau
         params = MiningParams(

@@ -18,8 +18,8 @@ import argparse
 from datasets import load_dataset
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor, TrainingArguments, set_seed
 
-from nemo_hf.maskris import MaskRIS
-from nemo_hf.mosaic import EvalTransform, MosaicEpochCallback, NeMoMosaic, explode_sentences
+from nemo_hf.transforms.maskris import MaskRIS
+from nemo_hf.transforms.mosaic import EvalTransform, MosaicEpochCallback, NeMoMosaic, explode_sentences
 from nemo_hf.training import RISTrainer, tiny_random_clipseg
 
 

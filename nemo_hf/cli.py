@@ -13,9 +13,9 @@ from pathlib import Path
 from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
 
 from . import __version__
-from .distributed import RankFailure
-from .refer import ReferFormatError
+from .mining.ranks import RankFailure
 from .schema import config_name
+from .source.refer import ReferFormatError
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 DESCRIPTION = (
@@ -30,7 +30,7 @@ DEMO_NOTICE = (
 
 def _tau(value: str):
     """``--tau``: a cosine (``0.9``) or a percentile (``p99``), checked before any file is read."""
-    from .mine import MiningParams
+    from .mining.negatives import MiningParams
 
     try:
         tau = value if value.startswith("p") else float(value)
@@ -104,7 +104,7 @@ def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
 
 
 def cmd_build(args) -> int:
-    from .folder import MiningOptions, build_folder
+    from .folder.build import MiningOptions, build_folder
 
     mining = None if args.no_mining else MiningOptions(
         model=args.model or (DEMO_MODEL if args.source is None else MiningOptions.model),
@@ -125,7 +125,7 @@ def cmd_build(args) -> int:
         if args.source is not None:
             out = build_folder(args.source, args.out, configs, image_dir=args.image_dir, mining=mining)
         else:
-            from .synthetic import make_refer_source
+            from .source.synthetic import make_refer_source
 
             print(f"no --source: building the embedded demo (a synthetic refer source of {args.demo_images} images)")
             with tempfile.TemporaryDirectory(prefix="nemo_hf_demo_") as tmp:
@@ -145,7 +145,7 @@ def _load_split(folder: str, config: str, split: str = "train"):
 
 
 def cmd_stats(args) -> int:
-    from .stats import folder_stats
+    from .inspection.stats import folder_stats
 
     out = args.output or f"{args.config}_negatives.png"
     print(folder_stats(args.folder, args.config, out, split=args.split, tau=args.tau, sample=args.sample, seed=args.seed))
@@ -154,8 +154,8 @@ def cmd_stats(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from .folder import BuildReport
-    from .preview import render_preview
+    from .folder.manifest import BuildReport
+    from .inspection.preview import render_preview
 
     BuildReport.read(args.folder)  # a clear error for a refer source or any other folder
 
@@ -168,7 +168,7 @@ def cmd_preview(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .show import show_ref
+    from .inspection.show import show_ref
 
     shown = show_ref(args.folder, args.config, ref_id=args.ref_id, sent_id=args.sent_id, show_all=args.all)
     out = args.output or f"ref_{args.ref_id if args.ref_id is not None else 'sent_' + str(args.sent_id)}.png"
@@ -179,7 +179,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_folder
+    from .folder.push import push_folder
 
     url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private, include_images=not args.no_images,
                       delete_remote_images=args.delete_remote_images)
@@ -190,7 +190,8 @@ def cmd_push(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluate import Expressions, evaluate_predictions, format_report, plot_breakdowns, split_tables
+    from .evaluation.report import format_report, plot_breakdowns
+    from .evaluation.scoring import Expressions, evaluate_predictions, split_tables
 
     refs, images = split_tables(args.folder, args.config, args.split)
     expressions = Expressions.from_tables(refs, images, where=f"{args.folder} ({args.config}/{args.split})")

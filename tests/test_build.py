@@ -13,11 +13,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from conftest import REALDATA, needs_shared, write_tiny_source
-from nemo_hf import refer
+from nemo_hf import masks
+from nemo_hf.source import refer
 from nemo_hf.cli import main
 from nemo_hf.folder import BuildReport, build_folder
 from nemo_hf.schema import REFS_CONFIGS
-from nemo_hf.synthetic import make_refer_source, write_py2_refs_pickle
+from nemo_hf.source.synthetic import make_refer_source, write_py2_refs_pickle
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_real_refcoco_ref_written_by_python2(tmp_path):
     assert row["file_name"] == "COCO_train2014_000000581857.jpg" and row["category"] == "person"
     assert [s["raw"] for s in row["sentences"]] == ["THE LADY WITH THE BLUE SHIRT", "lady w back to us", "blue shirt"]
     assert row["bbox"] == [103.93, 299.99, 134.22, 177.42]
-    mask = refer.decode_rle(row["mask"])
+    mask = masks.decode_rle(row["mask"])
     assert mask.shape == (640, 427)
     assert abs(int(mask.sum()) - ann["area"]) / ann["area"] < 0.03
     ys, xs = np.nonzero(mask)

@@ -65,13 +65,13 @@ from nemo_hf.cli import _configure_logging
 _configure_logging()
 logging.getLogger("huggingface_hub.file_download").warning("a hub warning")
 logging.getLogger("faiss.loader").info("Loading faiss with AVX2 support.")
-logging.getLogger("nemo_hf.folder").info("building refcoco_unc")
+logging.getLogger("nemo_hf.folder.build").info("building refcoco_unc")
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("a hub warning") == 1
     assert "faiss" not in run.stderr
-    assert "INFO nemo_hf.folder: building refcoco_unc" in run.stderr
+    assert "INFO nemo_hf.folder.build: building refcoco_unc" in run.stderr
 
 
 def test_demo_build_log(tmp_path):

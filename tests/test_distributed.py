@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nemo_hf.cli import main
-from nemo_hf.distributed import Ranks
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.mining.ranks import Ranks
+from nemo_hf.source.synthetic import make_refer_source
 
 RUNNER = Path(__file__).with_name("_rank_runner.py")
 BATCH = 4
@@ -122,7 +122,7 @@ def test_a_bad_launcher_variable_is_named(tmp_path, monkeypatch, capsys, env, me
 
 
 def test_a_bad_local_world_size_is_named(monkeypatch):
-    from nemo_hf.distributed import local_processes
+    from nemo_hf.mining.ranks import local_processes
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2.5")
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='2.5' is not an integer"):

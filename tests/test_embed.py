@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nemo_hf.embed import Embedder, ModelLoadError, checkpoint_identity, demo_embedder
+from nemo_hf.mining.embed import Embedder, ModelLoadError, demo_embedder
+from nemo_hf.mining.identity import checkpoint_identity
 
 SHARED_CLIP = Path("/work/shared/models/clip-vit-base-patch32-notweights")
 needs_clip_files = pytest.mark.skipif(
@@ -179,7 +180,7 @@ def matrices(cache_dir: Path) -> list[Path]:
 
 
 def _key(image) -> str:
-    from nemo_hf.embed import _image_key
+    from nemo_hf.mining.cache import image_key as _image_key
 
     return _image_key(*image)
 
@@ -258,7 +259,7 @@ def test_memory_map_reuses_its_file_and_replaces_it_for_other_images(tmp_path):
 @needs_clip_files
 def test_memory_map_refuses_to_leave_a_row_unfilled(tmp_path, monkeypatch):
     """A chunk that vanishes between listing the cache and filling the matrix: an error, not a row of zeros."""
-    from nemo_hf.embed import EmbeddingCache
+    from nemo_hf.mining.cache import EmbeddingCache
 
     embedder = make_embedder()
     embedder.embed_images(IMAGES[:3], cache_dir=tmp_path)

@@ -7,13 +7,14 @@ import pytest
 from datasets import load_dataset
 
 from conftest import write_tiny_source
-from nemo_hf import refer
+from nemo_hf import masks
+from nemo_hf.source import refer
 from nemo_hf.cli import main
-from nemo_hf.evaluate import EvaluationError, Expressions, evaluate_predictions, split_tables
+from nemo_hf.evaluation.scoring import EvaluationError, Expressions, evaluate_predictions, split_tables
 from nemo_hf.folder import build_folder
-from nemo_hf.mosaic import EvalTransform, explode_sentences
-from nemo_hf.predictions import PredictionWriter, PredictionsFormatError, read_predictions, write_predictions
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.transforms.mosaic import EvalTransform, explode_sentences
+from nemo_hf.evaluation.predictions import PredictionWriter, PredictionsFormatError, read_predictions, write_predictions
+from nemo_hf.source.synthetic import make_refer_source
 from nemo_hf.training import RISTrainer
 
 
@@ -69,7 +70,7 @@ def hand_folder(tmp_path_factory):
 
 def ground_truth(folder) -> dict[int, np.ndarray]:
     refs = load_dataset(str(folder), "refcoco_unc", split="val")
-    return {s["sent_id"]: refer.decode_rle(row["mask"]) for row in refs for s in row["sentences"]}
+    return {s["sent_id"]: masks.decode_rle(row["mask"]) for row in refs for s in row["sentences"]}
 
 
 def shifted(mask, dy=0, dx=0):
@@ -189,7 +190,7 @@ def test_trainer_saves_predictions_that_eval_scores_the_same_with_breakdowns(tmp
 
     sizes = [(16, 32), (32, 16), (24, 24), (8, 32), (32, 32), (16, 8)]
     refs = pa.Table.from_pylist([
-        {"ann_id": i, "image_id": i, "category_id": 1 + i % 2, "mask": refer.encode_rle(scene(i, *sizes[i])[1]),
+        {"ann_id": i, "image_id": i, "category_id": 1 + i % 2, "mask": masks.encode_rle(scene(i, *sizes[i])[1]),
          "sentences": [sentence(100 + i, SENTENCES[i % 4])]} for i in range(6)
     ])  # fmt: skip
     objects = [[{"ann_id": i, "category_id": 1 + i % 2, "iscrowd": False, "supercategory": "abc"[i % 3]}]
@@ -238,8 +239,8 @@ def test_writer_leaves_nothing_behind_on_error_and_reads_back(tmp_path):
     with pytest.raises(ValueError, match="sent_id 3: a mask must be 2-D"):
         PredictionWriter(tmp_path / "q.jsonl").add_mask(3, mask[None])
     for suffix in (".jsonl", ".parquet"):
-        path = write_predictions(tmp_path / f"r{suffix}", [(7, mask), (8, refer.encode_rle(mask[::-1]))])
-        back = [(s, refer.decode_rle(m)) for s, m, _ in read_predictions(path)]
+        path = write_predictions(tmp_path / f"r{suffix}", [(7, mask), (8, masks.encode_rle(mask[::-1]))])
+        back = [(s, masks.decode_rle(m)) for s, m, _ in read_predictions(path)]
         assert [s for s, _ in back] == [7, 8]
         np.testing.assert_array_equal(back[0][1], mask)
         np.testing.assert_array_equal(back[1][1], mask[::-1])

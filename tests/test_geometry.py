@@ -10,16 +10,14 @@ from pycocotools import mask as mask_utils
 
 from PIL import Image, ImageFilter
 
-from nemo_hf.geometry import (
+from nemo_hf.transforms.geometry import (
     Placement,
     grid_cells,
     mask_box,
     prediction_to_original,
     resize_pixels,
-    rle_runs,
-    rle_sample,
 )
-from nemo_hf.refer import encode_rle
+from nemo_hf.masks import encode_rle, rle_runs, rle_sample
 
 
 @pytest.mark.parametrize("size", [2, 3, 417, 480])

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from conftest import write_tiny_source
-from nemo_hf import refer
+from nemo_hf import masks
+from nemo_hf.source import refer
 from nemo_hf.cli import main
 from nemo_hf.folder import MANIFEST, BuildReport, OutFolderError, build_folder
-from nemo_hf.hub import PushError, push_folder
-from nemo_hf.source import ReferSource
+from nemo_hf.folder.push import PushError, push_folder
+from nemo_hf.source.reader import ReferSource
 
 IMAGE_DIR = "images/mscoco/images/train2014"
 
@@ -129,7 +130,7 @@ def test_help_says_what_happens_to_an_existing_out(capsys):
 def test_hostile_numbers_are_errors_not_crashes(tmp_path):
     proc = run_python("""
         import json, math
-        from nemo_hf.refer import ReferFormatError, segmentation_to_rle as s
+        from nemo_hf.masks import MaskFormatError, segmentation_to_rle as s
         cases = [
             ([[10, 10, 1e8, 10, 40, 40, 10, 40]], 48, 64),
             ([[10, 10, float("nan"), 10, 40, 40, 10, 40]], 48, 64),
@@ -146,7 +147,7 @@ def test_hostile_numbers_are_errors_not_crashes(tmp_path):
             try:
                 s(seg, h, w, "refs(unc).p: ref 7 (annotation 70)")
                 out.append("accepted")
-            except ReferFormatError as err:
+            except MaskFormatError as err:
                 out.append(str(err))
         print(json.dumps(out))
     """, tmp_path, timeout=60)
@@ -314,7 +315,7 @@ def test_push_without_network_is_one_line(built, monkeypatch, capsys):
         def create_repo(self, repo_id, **kw):
             raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution\nmore detail")
 
-    monkeypatch.setattr("nemo_hf.hub.HfApi", Offline)
+    monkeypatch.setattr("nemo_hf.folder.push.HfApi", Offline)
     assert main(["push", str(built), "--repo-id", "someone/x", "--token", "hf_test"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["nemo-hf push: error: pushing to someone/x failed (ConnectError: [Errno -3] Temporary failure in "
@@ -344,7 +345,7 @@ def test_hostile_pickles_are_refused_at_once(tmp_path):
         (tmp_path / f"{name}.p").write_bytes(data)
     proc = run_python(f"""
         import time
-        from nemo_hf.refer import ReferFormatError, load_refs
+        from nemo_hf.source.refer import ReferFormatError, load_refs
         for name in {list(hostile)}:
             start = time.perf_counter()
             try:
@@ -385,10 +386,10 @@ def test_bad_rle_on_an_eval_ref_names_ann_and_ref(tmp_path, rle, message):
 def test_valid_rle_segmentations_are_kept(tmp_path):
     mask = np.zeros((48, 64), np.uint8)
     mask[5:20, 3:30] = 1
-    encoded = refer.encode_rle(mask)
-    runs = [int(v) for v in __import__("nemo_hf.geometry", fromlist=["rle_runs"]).rle_runs(encoded["counts"])]
+    encoded = masks.encode_rle(mask)
+    runs = [int(v) for v in __import__("nemo_hf.masks", fromlist=["rle_runs"]).rle_runs(encoded["counts"])]
     for seg in ({"size": [48, 64], "counts": runs}, encoded):
-        assert refer.segmentation_to_rle(seg, 48, 64, "x") == encoded
+        assert masks.segmentation_to_rle(seg, 48, 64, "x") == encoded
 
 
 # ---------------------------------------------------------------- 7. 16-bit images scaled, not white
@@ -403,8 +404,8 @@ def _png16() -> tuple[bytes, np.ndarray]:
 
 
 def test_16bit_png_is_scaled_in_the_mosaic_the_embedder_and_the_build(tmp_path):
-    from nemo_hf.embed import _ImageFiles
-    from nemo_hf.mosaic import EncodedImage
+    from nemo_hf.mining.embed import ImageFiles as _ImageFiles
+    from nemo_hf.transforms.images import EncodedImage
 
     data, expected = _png16()
     for layout in ("RGB", "RGBX"):
@@ -497,10 +498,10 @@ def test_rebuild_in_place_is_not_read_back_stale(tmp_path):
 
     root = write_tiny_source(tmp_path / "src")
     out = build_folder(root, tmp_path / "out", ["refcoco_unc"], mining=None)
-    first = refer.decode_rle(load_dataset(str(out), "refcoco_unc", split="val")[0]["mask"])
+    first = masks.decode_rle(load_dataset(str(out), "refcoco_unc", split="val")[0]["mask"])
     edit_instances(root, lambda d: d["annotations"][1].update(segmentation=[[8, 10, 40, 10, 40, 31, 8, 31]]))  # one row more
     build_folder(root, out, ["refcoco_unc"], mining=None)
-    second = refer.decode_rle(load_dataset(str(out), "refcoco_unc", split="val")[0]["mask"])
+    second = masks.decode_rle(load_dataset(str(out), "refcoco_unc", split="val")[0]["mask"])
     assert second.sum() == first.sum() + 32
 
 
@@ -522,7 +523,7 @@ def test_wrong_image_dir_stops_at_once_in_one_line(tmp_path, capsys):
     ({"output_size": 2.7}, "output_size must be an integer number of pixels"),
 ])
 def test_mosaic_parameters_are_validated_up_front(kwargs, message):
-    from nemo_hf.mosaic import NeMoMosaic
+    from nemo_hf.transforms.mosaic import NeMoMosaic
 
     with pytest.raises(ValueError, match=message):
         NeMoMosaic({1: b""}, pool=[1], **kwargs)
@@ -578,8 +579,8 @@ def test_what_the_commands_import_is_a_core_dependency():
     core = {regex.split(r"[<>=!~\[ ;]", d)[0].lower() for d in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]}
     dists = md.packages_distributions()
     needed = set()
-    for path in [*(repo / "nemo_hf").glob("*.py"), *(repo / "builders").glob("*.py")]:
-        if path.name == "training.py":  # the [training] extra
+    for path in [*(repo / "nemo_hf").rglob("*.py"), *(repo / "builders").glob("*.py")]:
+        if path.parent.name in ("training", "zeroshot"):  # the [training] and [zeroshot] extras
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
@@ -599,7 +600,7 @@ def test_objects_column_validates_every_instance_and_keeps_an_empty_unreferred_o
     out = build_folder(root, tmp_path / "out", ["refcoco_unc"], mining=None)
     images = pq.read_table(next((out / "data/images").glob("*.parquet")), columns=["image_id", "objects"]).to_pylist()
     objects = {o["ann_id"]: o for o in next(im for im in images if im["image_id"] == 11)["objects"]}
-    assert set(objects) == {111, 200, 500} and refer.decode_rle(objects[500]["mask"]).sum() == 0
+    assert set(objects) == {111, 200, 500} and masks.decode_rle(objects[500]["mask"]).sum() == 0
 
     edit_instances(root, lambda d: d["annotations"][-1].update(segmentation=[[1, 1, float("nan"), 1, 9, 9]]))
     with pytest.raises(refer.ReferFormatError, match=r"instances.json: annotation 500 \(image 11\): polygon has a coordinate that is not finite"):

@@ -7,7 +7,7 @@ import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
 from nemo_hf.folder import build_folder
-from nemo_hf.hub import PushError, push_folder
+from nemo_hf.folder.push import PushError, push_folder
 
 
 class RecordingApi:

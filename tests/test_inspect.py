@@ -12,12 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from nemo_hf import decode_mask, embeddings
+from nemo_hf import decode_mask
+from nemo_hf.folder import embeddings
 from nemo_hf.cli import main
 from nemo_hf.folder import BuildReport, MiningOptions, build_folder
-from nemo_hf.show import DROPPED_FRAME, FRAME, KEPT_FRAME, show_ref
-from nemo_hf.stats import PREVIEW_COLOUR, TAU_COLOUR, folder_stats
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.inspection.show import DROPPED_FRAME, FRAME, KEPT_FRAME, show_ref
+from nemo_hf.inspection.stats import PREVIEW_COLOUR, TAU_COLOUR, folder_stats
+from nemo_hf.source.synthetic import make_refer_source
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +220,9 @@ def test_show_errors(folder, capsys):
 def test_preview_outlines_the_mask_and_scores_each_negative_tile(folder, source, tmp_path, capsys):
     from datasets import Dataset
 
-    from nemo_hf.mosaic import NeMoMosaic
-    from nemo_hf.preview import MASK_ALPHA, MASK_COLOUR, _tiles, outline_mask
+    from nemo_hf.transforms.mosaic import NeMoMosaic
+    from nemo_hf.inspection.drawing import MASK_ALPHA, MASK_COLOUR, outline_mask
+    from nemo_hf.inspection.preview import _tiles
 
     image = np.full((20, 30, 3), (40, 160, 60), np.uint8)  # "green"
     mask = np.zeros((20, 30), np.uint8)
@@ -254,7 +256,7 @@ def test_push_carries_the_embeddings_and_drops_stale_ones(folder):
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from test_hub import RecordingApi
 
-    from nemo_hf.hub import push_folder
+    from nemo_hf.folder.push import push_folder
 
     api = RecordingApi(existing=["embeddings/refcocog_umd.parquet", "embeddings/refcoco_unc.parquet"])
     push_folder(folder, "someone/nemo-refcoco", token="hf_test", api=api)

@@ -8,17 +8,14 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast, PreTrainedTokenizerFast, ViTImageProcessorPil
 
 from conftest import SHARED, needs_shared
-from nemo_hf.maskris import (
+from nemo_hf.training import TARGETS_KEY, RISCollator, RISTrainer, dcl_loss, dcl_terms, dcl_two_pass, tiny_random_clipseg
+from nemo_hf.transforms.maskris import (
     MaskRIS,
-    dcl_loss,
-    dcl_terms,
-    dcl_two_pass,
     mask_image_patches,
     mask_text_tokens,
     replacement_vocabulary,
     text_mask_token_id,
 )
-from nemo_hf.training import TARGETS_KEY, RISCollator, RISTrainer, tiny_random_clipseg
 from test_training import one_torch_thread  # noqa: F401 (the autouse fixture applies here too)
 from test_training import args, eval_dataset, raw_train_dataset, run_example, train_row
 

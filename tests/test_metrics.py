@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nemo_hf.metrics import RISMetrics, intersection_union, ris_metrics
+from nemo_hf.evaluation.metrics import RISMetrics, intersection_union, ris_metrics
 
 
 def masks(shape, *cells):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nemo_hf.mine import MiningParams, mine_refs, resolve_tau, select_negatives
+from nemo_hf.mining.negatives import MiningParams, resolve_tau, select_negatives
+from nemo_hf.mining.refs import mine_refs
 
 
 def unit(*rows) -> np.ndarray:
@@ -201,8 +202,8 @@ def test_search_with_duplicate_images_in_many_blocks(mode, monkeypatch):
     text, own, images = clustered(rng, 500, 240, 24, 12, duplicates=40)
     pool = np.sort(rng.choice(500, 420, replace=False))
     params = MiningParams(tau="p95", top_k=9, mode=mode, sample_pairs=20_000)
-    monkeypatch.setattr("nemo_hf.mine._RuleSearch.block_bytes", 16 * 4 * len(pool))
-    monkeypatch.setattr("nemo_hf.mine._RuleSearch.min_rows", 1)
+    monkeypatch.setattr("nemo_hf.mining.negatives._RuleSearch.block_bytes", 16 * 4 * len(pool))
+    monkeypatch.setattr("nemo_hf.mining.negatives._RuleSearch.min_rows", 1)
     sel = select_negatives(text, own, images, pool, params, threads=2)
     assert_rule_up_to_rounding(sel, text, own, images, pool, 9, mode)
     assert select_negatives(text, own, images, pool, params, threads=1).rows.tolist() == sel.rows.tolist()
@@ -281,7 +282,7 @@ def _jpeg(seed: int) -> bytes:
 
 
 def test_mine_refs_columns_and_provenance(tmp_path):
-    from nemo_hf.embed import demo_embedder
+    from nemo_hf.mining.embed import demo_embedder
 
     with pytest.warns(UserWarning, match="MEANINGLESS"):
         embedder = demo_embedder(progress=False, num_workers=0)
@@ -322,8 +323,8 @@ def test_mine_refs_columns_and_provenance(tmp_path):
 def test_mine_refs_memory_maps_the_pool_for_an_approximate_index(tmp_path, monkeypatch):
     """With an approximate index and a cache, select_negatives gets the image embeddings as a read-only
     memory map, and its negatives are those of the same rule on the embeddings held in RAM."""
-    import nemo_hf.mine as mine
-    from nemo_hf.embed import demo_embedder
+    import nemo_hf.mining.refs as mine
+    from nemo_hf.mining.embed import demo_embedder
 
     with pytest.warns(UserWarning, match="MEANINGLESS"):
         embedder = demo_embedder(progress=False, num_workers=0, batch_size=8)
@@ -362,7 +363,7 @@ def test_lists_reach_past_what_the_filter_drops(mode, caplog):
     text, own, images = clustered(rng, 5000, 300, 32, 8)
     pool = np.arange(5000)
     params = MiningParams(tau="p80", top_k=20, index="ivf", mode=mode)
-    with caplog.at_level("INFO", logger="nemo_hf.mine"):
+    with caplog.at_level("INFO", logger="nemo_hf.mining.negatives"):
         approx = select_negatives(text, own, images, pool, params)
     lists = [r.getMessage() for r in caplog.records if "top-" in r.getMessage()]
     if mode == "i2i":
@@ -414,7 +415,7 @@ def test_a_memory_mapped_pool_never_enters_ram_whole(index, tmp_path, monkeypatc
     own = rng.integers(0, 100_000, 20)
     text = unit(*(np.asarray(mapped[np.sort(own)], np.float32) + rng.standard_normal((20, 256)) / 16))
     own = np.sort(own)
-    monkeypatch.setattr("nemo_hf.mine._BLOCK_ROWS", 8192)
+    monkeypatch.setattr("nemo_hf.mining.pool._BLOCK_ROWS", 8192)
     tracemalloc.start()
     try:
         selection = select_negatives(text, own, mapped, np.arange(100_000), MiningParams(index=index), threads=1)
@@ -426,7 +427,7 @@ def test_a_memory_mapped_pool_never_enters_ram_whole(index, tmp_path, monkeypatc
 
 
 def test_build_index_once_for_many_sentence_sets():
-    from nemo_hf.mine import build_index
+    from nemo_hf.mining.negatives import build_index
 
     rng = np.random.default_rng(12)
     text, own, images = clustered(rng, 2000, 100, 32, 20)

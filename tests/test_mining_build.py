@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
 
-from nemo_hf import refer
+from nemo_hf.source import refer
 from nemo_hf.cli import main
 from nemo_hf.folder import BuildReport, MiningOptions, build_folder
 from nemo_hf.schema import REFS_CONFIGS
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.source.synthetic import make_refer_source
 
 
 @pytest.fixture(scope="module")

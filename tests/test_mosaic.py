@@ -17,20 +17,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nemo_hf import schema
-from nemo_hf.refer import decode_rle, encode_rle
-from nemo_hf.geometry import Placement, grid_cells
-from nemo_hf.mosaic import (
-    EVAL_COLUMNS,
-    OUTPUT_COLUMNS,
-    EvalTransform,
-    ImageTable,
-    NeMoMosaic,
-    Warmup,
-    _draw_mode,
-    _normalised,
-    explode_sentences,
-    spatial_quadrants,
-)
+from nemo_hf.masks import decode_rle, encode_rle
+from nemo_hf.transforms.geometry import Placement, grid_cells
+from nemo_hf.transforms.images import ImageTable
+from nemo_hf.transforms.mosaic import EVAL_COLUMNS, OUTPUT_COLUMNS, EvalTransform, NeMoMosaic, explode_sentences
+from nemo_hf.transforms.sampling import Warmup, spatial_quadrants
+from nemo_hf.transforms.sampling import draw_mode as _draw_mode, normalise_p as _normalised
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "images"  # ../shared beside the checkout
 RED = (230, 20, 20)
@@ -386,7 +378,7 @@ def dataloader_rows(dataset, num_workers, **kwargs):
 
 
 def test_dataloader_workers_give_identical_bytes_and_follow_the_epoch(world):
-    from nemo_hf.mosaic import MosaicEpochCallback
+    from nemo_hf.transforms.mosaic import MosaicEpochCallback
     from transformers import TrainerControl, TrainerState
 
     transform = NeMoMosaic(world["images"], output_size=64, p={"single": 1, "retrieval": 2}, return_arrays=True)
@@ -404,7 +396,7 @@ def test_dataloader_workers_give_identical_bytes_and_follow_the_epoch(world):
 
 def test_trainer_with_workers_sees_a_new_draw_every_epoch(world, tmp_path):
     import torch
-    from nemo_hf.mosaic import MosaicEpochCallback
+    from nemo_hf.transforms.mosaic import MosaicEpochCallback
     from transformers import Trainer, TrainingArguments
 
     transform = NeMoMosaic(world["images"], output_size=32, p={"retrieval": 1.0}, return_arrays=True)
@@ -489,7 +481,7 @@ def test_pickle_carries_no_index_and_repr_reads(world):
 
 
 def test_import_does_not_need_transformers():
-    code = "import sys, nemo_hf.mosaic; print('transformers' in sys.modules)"
+    code = "import sys, nemo_hf.transforms.mosaic; print('transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -565,7 +557,7 @@ def test_real_coco_image_and_mask(tile):
 
 
 def test_preview_draws_masks_boxes_and_captions(world):
-    from nemo_hf.preview import render_preview
+    from nemo_hf.inspection.preview import render_preview
 
     sheet = render_preview(world["refs"], world["images"], n=4, output_size=64, columns=2, seed=1)
     assert sheet.mode == "RGB" and sheet.width == 8 + 2 * (64 + 8) and sheet.height > 2 * (64 + 8)

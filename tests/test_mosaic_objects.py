@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nemo_hf.geometry import Placement, grid_cells
-from nemo_hf.mosaic import EvalTransform, NeMoMosaic, explode_sentences, spatial_quadrants
-from nemo_hf.refer import decode_rle
+from nemo_hf.transforms.geometry import Placement, grid_cells
+from nemo_hf.transforms.mosaic import EvalTransform, NeMoMosaic, explode_sentences
+from nemo_hf.transforms.sampling import spatial_quadrants
+from nemo_hf.masks import decode_rle
 from test_mosaic import batch_of, encode, object_image, object_mask, ref_row, render_one, world  # noqa: F401
 
 

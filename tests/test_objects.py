@@ -8,9 +8,10 @@ from datasets import load_dataset
 from pycocotools import mask as mask_utils
 
 from conftest import REALDATA, needs_shared, write_tiny_source
-from nemo_hf import refer
+from nemo_hf import masks
+from nemo_hf.source import refer
 from nemo_hf.folder import build_folder
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.source.synthetic import make_refer_source
 
 
 def toolkit_mask(segmentation, h, w) -> np.ndarray:
@@ -43,7 +44,7 @@ def test_synthetic_build_holds_every_instance_referred_or_not(tmp_path):
             assert (obj["category"], obj["supercategory"]) == categories[ann["category_id"]]
             assert obj["category_id"] == ann["category_id"] and obj["bbox"] == ann["bbox"]
             assert obj["area"] == ann["area"] and obj["iscrowd"] is False and obj["mask"]["size"] == [h, w]
-            np.testing.assert_array_equal(refer.decode_rle(obj["mask"]), toolkit_mask(ann["segmentation"], h, w))
+            np.testing.assert_array_equal(masks.decode_rle(obj["mask"]), toolkit_mask(ann["segmentation"], h, w))
             if obj["ann_id"] in ref_masks:
                 assert obj["mask"] == ref_masks[obj["ann_id"]]  # the same RLE string as the refs row
             seen += 1
@@ -77,10 +78,10 @@ def test_real_polygons_and_a_crowd_rle(tmp_path):
         ("dog", "animal"), ("couch", "furniture"), ("chair", "furniture")]
     for obj in objects:
         ann = next(a for a in real if a["id"] == obj["ann_id"])
-        np.testing.assert_array_equal(refer.decode_rle(obj["mask"]), toolkit_mask(ann["segmentation"], h, w))
+        np.testing.assert_array_equal(masks.decode_rle(obj["mask"]), toolkit_mask(ann["segmentation"], h, w))
         assert obj["iscrowd"] is bool(ann["iscrowd"]) and obj["bbox"] == ann["bbox"] and obj["area"] == ann["area"]
     (got,) = [o for o in objects if o["iscrowd"]]
-    np.testing.assert_array_equal(refer.decode_rle(got["mask"]), crowd_mask)
+    np.testing.assert_array_equal(masks.decode_rle(got["mask"]), crowd_mask)
     expected = mask_utils.frPyObjects(crowd["segmentation"], h, w)
     assert got["mask"]["counts"] == expected["counts"].decode()  # bit-exact: the crowd's own RLE, compressed
     assert got["category"] == "person" and got["supercategory"] == "person"
@@ -102,7 +103,7 @@ def test_tiny_build_keeps_crowd_and_names_a_bad_annotation(tmp_path):
     assert [o["ann_id"] for o in images[11]] == [111, 200, 300] and [o["ann_id"] for o in images[12]] == [112]
     crowd = images[11][2]
     assert crowd["iscrowd"] and crowd["supercategory"] == "kitchen"
-    assert refer.decode_rle(crowd["mask"])[40:].all() and not refer.decode_rle(crowd["mask"])[:40].any()
+    assert masks.decode_rle(crowd["mask"])[40:].all() and not masks.decode_rle(crowd["mask"])[:40].any()
 
     annotations[-1]["segmentation"] = [[1, 2, 3, 4]]
     root = write_tiny_source(tmp_path / "bad", annotations=annotations)

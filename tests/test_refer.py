@@ -10,8 +10,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from conftest import REALDATA, needs_shared, write_tiny_source
-from nemo_hf import refer
-from nemo_hf.source import ReferSource
+from nemo_hf import masks
+from nemo_hf.source import refer
+from nemo_hf.source.reader import ReferSource
 
 
 def py2_pickle(obj) -> bytes:
@@ -107,22 +108,22 @@ def test_truncated_or_foreign_pickle(tmp_path):
 def test_mask_is_binarized_union_of_polygons():
     h, w = 40, 50
     polys = [[5, 5, 30, 5, 30, 30, 5, 30], [20, 20, 45, 20, 45, 38, 20, 38]]  # overlapping parts
-    rle = refer.segmentation_to_rle(polys, h, w, "test")
+    rle = masks.segmentation_to_rle(polys, h, w, "test")
     summed = mask_utils.decode(mask_utils.frPyObjects(polys, h, w)).sum(axis=2)
     assert summed.max() == 2  # the toolkit's sum exceeds 1 where parts overlap
-    np.testing.assert_array_equal(refer.decode_rle(rle), (summed > 0).astype(np.uint8))
+    np.testing.assert_array_equal(masks.decode_rle(rle), (summed > 0).astype(np.uint8))
     assert rle["size"] == [h, w] and isinstance(rle["counts"], str)
 
 
 def test_encode_rle_is_the_mask_column_and_decodes_back():
     mask = np.zeros((7, 9), np.uint8)
     mask[1:5, 2:8] = 3  # any non-zero value is the object
-    rle = refer.encode_rle(mask)
+    rle = masks.encode_rle(mask)
     assert rle["size"] == [7, 9] and isinstance(rle["counts"], str)
-    assert rle == refer.segmentation_to_rle([[2, 1, 8, 1, 8, 5, 2, 5]], 7, 9, "test")  # the same column as a build's
-    np.testing.assert_array_equal(refer.decode_rle(rle), (mask > 0).astype(np.uint8))
+    assert rle == masks.segmentation_to_rle([[2, 1, 8, 1, 8, 5, 2, 5]], 7, 9, "test")  # the same column as a build's
+    np.testing.assert_array_equal(masks.decode_rle(rle), (mask > 0).astype(np.uint8))
     as_bytes = {"size": rle["size"], "counts": rle["counts"].encode()}
-    np.testing.assert_array_equal(refer.decode_rle(as_bytes), (mask > 0).astype(np.uint8))
+    np.testing.assert_array_equal(masks.decode_rle(as_bytes), (mask > 0).astype(np.uint8))
 
 
 def test_real_refcoco_polygons_match_pycocotools():
@@ -130,9 +131,9 @@ def test_real_refcoco_polygons_match_pycocotools():
     images = {im["id"]: im for im in data["images"]}
     for ann in data["annotations"]:
         im = images[ann["image_id"]]
-        rle = refer.segmentation_to_rle(ann["segmentation"], im["height"], im["width"], "real")
+        rle = masks.segmentation_to_rle(ann["segmentation"], im["height"], im["width"], "real")
         ref = mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], im["height"], im["width"])).sum(axis=2) > 0
-        got = refer.decode_rle(rle)
+        got = masks.decode_rle(rle)
         np.testing.assert_array_equal(got, ref.astype(np.uint8))
         assert abs(int(got.sum()) - ann["area"]) / ann["area"] < 0.05  # COCO's area is the polygon area
         x, y, bw, bh = ann["bbox"]

@@ -5,7 +5,8 @@ import pickle
 import pytest
 from datasets import load_dataset
 
-from nemo_hf import refer, registry
+from nemo_hf.source import refer
+from nemo_hf import registry
 
 
 def _cache_entries(cache):

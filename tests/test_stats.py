@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from nemo_hf.schema import REFS_FEATURES
-from nemo_hf.stats import negative_stats, write_stats
+from nemo_hf.inspection.stats import negative_stats, write_stats
 
 
 def _ref(ref_id: int, split: str, negatives: list[list[int]], scores: list[list[float]], fallback: list[bool]):

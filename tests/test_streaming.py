@@ -8,8 +8,8 @@ from datasets import load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from nemo_hf.folder import build_folder
-from nemo_hf.mosaic import NeMoMosaic
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.transforms.mosaic import NeMoMosaic
+from nemo_hf.source.synthetic import make_refer_source
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from nemo_hf.schema import REFS_CONFIGS
-from nemo_hf.synthetic import CATEGORIES, COLOURS, IMAGE_DIR, make_refer_source, write_py2_refs_pickle
+from nemo_hf.source.synthetic import CATEGORIES, COLOURS, IMAGE_DIR, make_refer_source, write_py2_refs_pickle
 
 FILES = {"refcoco": {"instances.json", "refs(unc).p", "refs(google).p"},
          "refcoco+": {"instances.json", "refs(unc).p"},

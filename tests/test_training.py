@@ -10,8 +10,8 @@ from pycocotools import mask as mask_utils
 from transformers import CLIPSegProcessor, CLIPTokenizerFast, Trainer, TrainingArguments
 
 from conftest import SHARED, needs_shared
-from nemo_hf.metrics import intersection_union, ris_metrics
-from nemo_hf.refer import encode_rle
+from nemo_hf.evaluation.metrics import intersection_union, ris_metrics
+from nemo_hf.masks import encode_rle
 from nemo_hf.training import (
     ORIGINAL_MASK_KEY,
     TARGETS_KEY,
@@ -310,7 +310,7 @@ def run_example(tmp_path, *flags) -> tuple:
     from pathlib import Path
 
     from nemo_hf.folder import build_folder
-    from nemo_hf.synthetic import make_refer_source
+    from nemo_hf.source.synthetic import make_refer_source
 
     source = make_refer_source(tmp_path / "src", n_images=16, seed=0, datasets=("refcoco",))
     folder = build_folder(source, tmp_path / "folder", ["refcoco_unc"], mining=None)
@@ -342,7 +342,7 @@ def test_example_trains_on_synthetic_mosaics_and_evaluates_every_sentence(tmp_pa
 
 def test_counts_agree_with_eval_transform_mapping_for_squashed_rows():
     """The metric counts the same pixels a user sees through geometry.prediction_to_original."""
-    from nemo_hf.geometry import prediction_to_original
+    from nemo_hf.transforms.geometry import prediction_to_original
 
     logits = torch.randn(3, 22, 22, generator=torch.Generator().manual_seed(4))
     sizes = [(30, 50), (48, 64), (22, 40)]

@@ -9,11 +9,11 @@ from datasets import load_dataset
 from zeroshot_models import PerfectClip
 
 from nemo_hf import cli
-from nemo_hf.embed import Embedder, demo_embedder
+from nemo_hf.mining.embed import Embedder, demo_embedder
 from nemo_hf.folder import MiningOptions, build_folder
-from nemo_hf.mosaic import ImageTable
-from nemo_hf.refer import decode_rle
-from nemo_hf.synthetic import make_refer_source
+from nemo_hf.transforms.images import ImageTable
+from nemo_hf.masks import decode_rle
+from nemo_hf.source.synthetic import make_refer_source
 from nemo_hf.training import tiny_random_clipseg
 from nemo_hf.zeroshot.crops import masked_crop
 from nemo_hf.zeroshot.difficulty import sample_sentences

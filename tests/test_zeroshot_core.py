@@ -278,7 +278,7 @@ def test_a_tampered_feature_cache_file_is_dropped_and_recomputed(tmp_path, name)
     """A cache file whose arrays disagree never reaches the scorer or the predictions file: it is dropped."""
     import io
 
-    from nemo_hf.refer import encode_rle
+    from nemo_hf.masks import encode_rle
     from nemo_hf.zeroshot.encode import FeatureCache, ImageFeatures
 
     mask = np.zeros((48, 64), np.uint8)
@@ -306,7 +306,7 @@ def test_a_cache_file_declaring_a_huge_array_is_dropped_not_a_memory_error(tmp_p
 import io, sys, warnings, zipfile
 from pathlib import Path
 from numpy.lib import format as npy
-from nemo_hf.embed import EmbeddingCache
+from nemo_hf.mining.cache import EmbeddingCache
 from nemo_hf.zeroshot.encode import FeatureCache
 
 header = io.BytesIO()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from zeroshot_models import tiny_captioner, tiny_sam
 
-from nemo_hf.embed import demo_embedder
-from nemo_hf.refer import encode_rle
+from nemo_hf.mining.embed import demo_embedder
+from nemo_hf.masks import encode_rle
 from nemo_hf.zeroshot.captioner import Captioner
 from nemo_hf.zeroshot.encode import ClipEncoder, FeatureCache
 from nemo_hf.zeroshot.phrases import COCO_CATEGORY_NAMES, VocabularyNegatives, load_spacy

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..mosaic import MODES, NeMoMosaic
+from ..transforms.mosaic import NeMoMosaic
+from ..transforms.sampling import MODES
 from .predict import TasPredictor
 from .proposals import InstanceProposals
 

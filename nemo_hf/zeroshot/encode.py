@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..embed import UNREADABLE_NPZ, Embedder, _atomic_write, _normalised, cache_directory, key_digest
+from ..mining.cache import UNREADABLE_NPZ, atomic_write, cache_directory, key_digest
+from ..mining.embed import Embedder, normalised
 
 CACHE_FORMAT = 1
 
@@ -45,13 +46,13 @@ class ClipEncoder:
         """(n, d) float32, L2-normalised; the model's own preprocessing (resize, centre crop, normalise)."""
         emb = self.embedder
         out = [np.zeros((0, self.dim), dtype=np.float32)]
-        with emb._thread_budget():
+        with emb.thread_budget():
             for start in range(0, len(images), emb.batch_size):
                 batch = [Image.fromarray(np.ascontiguousarray(a)) for a in images[start : start + emb.batch_size]]
                 pixels = emb.image_processor(images=batch, return_tensors="pt")["pixel_values"]
                 with torch.inference_mode():
                     features = emb.model.get_image_features(pixel_values=pixels.to(emb.device, emb.dtype))
-                out.append(_normalised(features))
+                out.append(normalised(features))
         return np.concatenate(out)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -103,7 +104,7 @@ class ImageFeatures:
     def from_npz(cls, data) -> ImageFeatures:
         """ValueError for a file whose arrays disagree (another writer's, or edited): masks that are not
         RLEs of the image's size, one row per proposal missing, a NaN or inf."""
-        from ..refer import check_rle
+        from ..masks import check_rle
 
         size = tuple(int(v) for v in data["size"])
         if len(size) != 2:
@@ -158,4 +159,4 @@ class FeatureCache:
             return None
 
     def put(self, image_id: int, features: ImageFeatures) -> None:
-        _atomic_write(self._path(image_id), features.to_npz())
+        atomic_write(self._path(image_id), features.to_npz())

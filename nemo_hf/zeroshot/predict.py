@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..refer import encode_rle
+from ..masks import encode_rle
 from .captioner import Captioner
 from .crops import blurred_crop, centroid, gaussian_blur, masked_crop
 from .encode import ClipEncoder, ImageFeatures

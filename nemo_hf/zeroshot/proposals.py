@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..refer import decode_rle
+from ..masks import decode_rle
 from .loading import load_pretrained
 
 MIN_PROPOSAL_AREA = 2000  # TAS: masks under 2,000 px are dropped

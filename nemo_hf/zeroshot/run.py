@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..embed import Embedder, _atomic_write, demo_embedder
-from ..mosaic import ImageTable
-from ..predictions import PredictionWriter, predictions_format
-from ..refer import encode_rle
+from ..evaluation.predictions import PredictionWriter, predictions_format
+from ..masks import encode_rle
+from ..mining.cache import atomic_write
+from ..mining.embed import Embedder, demo_embedder
+from ..transforms.images import ImageTable
 from .captioner import Captioner
 from .encode import ClipEncoder, FeatureCache
 from .phrases import NEGATIVE_PHRASES, SYNONYM_THRESHOLD, CaptionNounChunks, VocabularyNegatives, load_spacy
@@ -100,7 +101,7 @@ def run_zeroshot(refs, images, predictor: TasPredictor, out, cache_dir=None, pro
         "cache": str(cache.directory),
         "predictions": str(out),
     }
-    _atomic_write(provenance_path(out), json.dumps(summary, indent=2).encode())
+    atomic_write(provenance_path(out), json.dumps(summary, indent=2).encode())
     return summary
 
 

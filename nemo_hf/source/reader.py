@@ -17,9 +17,9 @@ from pathlib import Path
 import simplejpeg
 from PIL import Image
 
+from ..pixels import to_8bit
+from ..schema import REFS_CONFIGS, TRAIN_SPLIT
 from . import refer
-from .pixels import to_8bit
-from .schema import REFS_CONFIGS, TRAIN_SPLIT
 
 logger = logging.getLogger(__name__)
 

@@ -2,30 +2,40 @@
 
 The refs file is a Python 2 pickle from a third party: it is read by an unpickler that admits only
 plain containers and scalars, so a crafted file cannot run code. Every problem is reported as a
-:class:`ReferFormatError` naming the file and the ref, annotation or image concerned.
+:class:`ReferFormatError` naming the file and the ref, annotation or image concerned (segmentations
+and image sizes are checked by `nemo_hf.masks`, whose errors are reported the same way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from .geometry import rle_runs
-from .schema import RefsConfig
+from ..masks import MaskFormatError, check_image_size, segmentation_to_rle
+from ..schema import RefsConfig
 
 COCO_IMAGE_SUBDIR = Path("images/mscoco/images/train2014")
 
 
 class ReferFormatError(ValueError):
     """A refer source file is missing, unreadable or inconsistent."""
+
+
+@contextlib.contextmanager
+def _as_refer_error() -> Iterator[None]:
+    """A mask check's error is the source file's: the same message, as a `ReferFormatError`."""
+    try:
+        yield
+    except MaskFormatError as err:
+        raise ReferFormatError(str(err)) from None
 
 
 def refs_path(root: str | Path, cfg: RefsConfig) -> Path:
@@ -52,7 +62,6 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 MAX_NESTING = 16  # a refs file nests 5 levels deep (list > ref > sentences > sentence > tokens)
-MAX_SIDE = 32768  # per image side: more than any photo dataset holds, little enough for pycocotools
 
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -188,7 +197,8 @@ def load_instances(path: str | Path) -> Instances:
         image_id = _entry_id(im, images, where)
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             raise ReferFormatError(f"{where}: file_name {im.get('file_name')!r} is not a file name")
-        check_image_size(im.get("height"), im.get("width"), where)
+        with _as_refer_error():
+            check_image_size(im.get("height"), im.get("width"), where)
         if not _is_int(im.get("license", 0)):
             raise ReferFormatError(f"{where}: license {im['license']!r} is not an integer")
         images[image_id] = im
@@ -229,14 +239,6 @@ def _entry_id(entry, seen: dict, where: str) -> int:
     return entry_id
 
 
-def check_image_size(height, width, where: str) -> tuple[int, int]:
-    """(height, width) as ints in 1..MAX_SIDE, else an error naming ``where`` (pycocotools hangs on 0)."""
-    for name, value in (("width", width), ("height", height)):
-        if not _is_int(value) or not 1 <= value <= MAX_SIDE:
-            raise ReferFormatError(f"{where}: {name} {value!r} is not an integer in 1..{MAX_SIDE}")
-    return int(height), int(width)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
@@ -249,86 +251,6 @@ def check_bbox(bbox, where: str) -> list[float]:
     if not all(np.isfinite(box)) or box[2] < 0 or box[3] < 0:
         raise ReferFormatError(f"{where}: bbox {bbox!r} is not 4 finite numbers with w, h >= 0")
     return box
-
-
-def _polygons(segmentation: list, height: int, width: int, where: str) -> list[list[float]]:
-    """Polygons as float lists, each of at least 3 points, every coordinate finite and within one image
-    size of the image (pycocotools rasterises every edge point by point: a far coordinate crashes it)."""
-    if not segmentation:
-        raise ReferFormatError(f"{where}: empty segmentation")
-    parts = []
-    for part in segmentation:
-        try:
-            coords = np.asarray(part) if isinstance(part, (list, tuple)) else None
-        except (ValueError, TypeError):  # ragged nesting
-            coords = None
-        if coords is None or coords.ndim != 1 or (coords.size and coords.dtype.kind not in "iuf"):
-            raise ReferFormatError(f"{where}: polygon {str(part)[:80]} is not a list of numbers")
-        if len(part) < 6 or len(part) % 2:
-            raise ReferFormatError(
-                f"{where}: polygon with {len(part) / 2:g} points; a polygon needs at least 3 (x, y) pairs"
-            )
-        coords = coords.astype(np.float64)
-        points = coords.reshape(-1, 2)
-        (x0, y0), (x1, y1) = points.min(axis=0).tolist(), points.max(axis=0).tolist()  # NaN, inf propagate
-        if not all(map(np.isfinite, (x0, y0, x1, y1))):
-            raise ReferFormatError(f"{where}: polygon has a coordinate that is not finite")
-        if x0 < -width or x1 > 2 * width or y0 < -height or y1 > 2 * height:
-            raise ReferFormatError(
-                f"{where}: polygon reaches ({x1:g}, {y1:g}) / ({x0:g}, {y0:g}), far outside the {width}x{height} image"
-            )
-        parts.append(coords.tolist())
-    return parts
-
-
-def check_rle(rle, height: int, width: int, where: str) -> dict:
-    """A COCO RLE (uncompressed counts list or compressed string) checked for pycocotools: ``size`` equal
-    to the image's [h, w], counts that parse, are not negative and sum to h*w. Returns it compressed."""
-    size, counts = (rle.get("size"), rle.get("counts")) if isinstance(rle, dict) else (None, None)
-    if not isinstance(size, (list, tuple)) or [v if _is_int(v) else None for v in size] != [height, width]:
-        raise ReferFormatError(f"{where}: RLE size {size!r} is not the image's [h, w] = [{height}, {width}]")
-    if isinstance(counts, (list, tuple)):
-        if not all(_is_int(c) and 0 <= c <= height * width for c in counts):
-            raise ReferFormatError(f"{where}: RLE counts must be integers in 0..h*w")
-        runs = np.asarray(counts, dtype=np.int64)
-        compressed = None
-    elif isinstance(counts, (str, bytes)):
-        try:
-            compressed = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-            runs = rle_runs(compressed)
-        except ValueError as err:  # UnicodeEncodeError included
-            raise ReferFormatError(f"{where}: malformed compressed RLE counts ({err})") from None
-        if (runs < 0).any():
-            raise ReferFormatError(f"{where}: malformed compressed RLE counts (a negative run)")
-    else:
-        raise ReferFormatError(f"{where}: RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}")
-    if int(runs.sum()) != height * width:
-        raise ReferFormatError(f"{where}: RLE counts sum to {int(runs.sum())}, the image has h*w = {height * width} pixels")
-    if compressed is None:
-        return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in runs]}, height, width)
-    return {"size": [height, width], "counts": compressed}
-
-
-def segmentation_to_rle(segmentation, height: int, width: int, where: str, *, allow_empty: bool = False) -> dict:
-    """The binarized union of an annotation's polygons (or its RLE) as compressed COCO RLE.
-
-    The refer toolkit sums the decoded polygon masks, so overlapping parts exceed 1; the union
-    (``merge``) is that sum binarized, computed without decoding to pixels. Every number is checked
-    before pycocotools sees it, and an empty mask is an error unless ``allow_empty``: ``where`` names the
-    annotation (and ref).
-    """
-    height, width = check_image_size(height, width, where)
-    if isinstance(segmentation, dict):  # iscrowd-style RLE; RefCOCO itself has none
-        rles = [check_rle(segmentation, height, width, where)]
-    elif isinstance(segmentation, (list, tuple)):
-        # (frPyObjects would read a 4-number list as a box: _polygons keeps that out.)
-        rles = mask_utils.frPyObjects(_polygons(segmentation, height, width, where), height, width)
-    else:
-        raise ReferFormatError(f"{where}: segmentation is a {type(segmentation).__name__}; expected polygons or an RLE")
-    rle = mask_utils.merge(rles, intersect=False)
-    if not allow_empty and mask_utils.area(rle) == 0:
-        raise ReferFormatError(f"{where}: the mask is empty (the segmentation lies outside the {width}x{height} image or has no area)")
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
 def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
@@ -364,34 +286,11 @@ def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
             )
         except ReferFormatError:
             raise
+        except MaskFormatError as err:
+            raise ReferFormatError(str(err)) from None
         except (KeyError, TypeError, ValueError) as err:
             raise ReferFormatError(f"{where}: {type(err).__name__}: {err}") from None
     return objects
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-    """A (h, w) mask (non-zero = object) as a row's ``mask`` column: compressed COCO RLE with ``counts`` a str."""
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask) != 0, dtype=np.uint8))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """uint8 (h, w) mask of 0/1 from a row's ``mask`` column (``counts`` as str or bytes)."""
-    counts = rle["counts"]
-    counts = counts.encode("ascii") if isinstance(counts, str) else counts
-    return mask_utils.decode({"size": [int(v) for v in rle["size"]], "counts": counts})
-
-
-def decode_mask(row_or_rle) -> np.ndarray:
-    """uint8 (h, w) 0/1 mask of a refs row (its ``mask`` column) or of a COCO RLE ``{"size", "counts"}``:
-    the refer toolkit's ``getMask`` for this dataset."""
-    rle = row_or_rle.get("mask", row_or_rle) if isinstance(row_or_rle, Mapping) else None
-    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
-        raise TypeError(
-            f"decode_mask wants a refs row (with a 'mask' column) or an RLE dict with 'size' and 'counts', "
-            f"got {type(row_or_rle).__name__}"
-        )
-    return decode_rle(rle)
 
 
 def _sentences(ref: dict, where: str) -> list[dict]:
@@ -464,6 +363,8 @@ def ref_rows(
             skipped = {} if skipped is None else skipped
             skipped.setdefault(ref["split"], []).append(f"ref {ref['ref_id']}: image {ref['image_id']} {problem}")
             continue
+        with _as_refer_error():
+            mask = segmentation_to_rle(ann.get("segmentation"), image["height"], image["width"], ann_where)
         yield {
             "ref_id": ref["ref_id"],
             "ann_id": ref["ann_id"],
@@ -474,6 +375,6 @@ def ref_rows(
             "split": ref["split"],
             "sentences": sentences,
             "bbox": bbox,
-            "mask": segmentation_to_rle(ann.get("segmentation"), image["height"], image["width"], ann_where),
+            "mask": mask,
             **unmined_negatives(len(sentences)),
         }

@@ -19,30 +19,23 @@ import re
 import shutil
 import stat
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import __version__, embeddings, progress
+from .. import __version__, progress
+from ..schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
+from ..source.reader import open_source
+from ..source.refer import ReferFormatError
+from . import embeddings
 from .card import PREVIEW_FILE
-from .refer import ReferFormatError
-from .schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
-from .source import open_source
+from .manifest import BUILD_FILES, EMBEDDINGS_NAME, MANIFEST, SHARD_NAME, BuildReport
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "nemo_hf.json"
 MAX_SHARD_SIZE = "500MB"  # the Hub's own choice for push_to_hub: the dataset viewer reads such shards well
-# data/<config>/<split>-00000-of-00001-<content hash>.parquet: the card lists the shards by name, and the
-# `datasets` cache keys a local folder on its card, so the hash makes every changed build new to it
-# (builds of nemo_hf 0.1.0 before the hash are earlier builds too)
-SHARD_NAME = re.compile(r"data/[a-z0-9_]+/[A-Za-z0-9_]+-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.parquet")
-EMBEDDINGS_NAME = re.compile(rf"{embeddings.DIRECTORY}/[a-z0-9_]+\.parquet")  # images.parquet, <config>.parquet
-BUILD_FILES = (MANIFEST, "README.md", PREVIEW_FILE)
-
-
 class OutFolderError(ValueError):
     """``--out`` cannot be written: it is not an earlier nemo_hf build, it overlaps the source, or
     another build is writing it. Nothing was changed."""
@@ -60,60 +53,6 @@ class MiningOptions:
     index: str = "flat"
     embed_cache_dir: str | None = None
     embed_batch_size: int = 64
-
-
-@dataclass
-class BuildReport:
-    """The manifest: what a folder holds and how it was made; the card is rendered from it."""
-
-    nemo_hf_version: str
-    source: str
-    configs: dict = field(default_factory=dict)  # name -> {"splits": {split: {...counts, shards}}, "mining": ..., "skipped": ...}
-    default_config: str = DEFAULT_CONFIG
-    eval_images_excluded_from_pools: int = 0
-    embeddings: dict = field(default_factory=dict)  # the mining embeddings kept beside the data (nemo_hf.embeddings)
-
-    @property
-    def embedding_files(self) -> list[str]:
-        return [self.embeddings[k] for k in ("images",) if k in self.embeddings] + list(
-            self.embeddings.get("sentences", {}).values()
-        )
-
-    def write(self, folder: Path) -> None:
-        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def read(cls, folder: str | os.PathLike) -> "BuildReport":
-        path = Path(folder) / MANIFEST
-        if not path.is_file():
-            if Path(folder).is_dir() and any(
-                (Path(folder) / REFS_CONFIGS[c].dataset / "instances.json").is_file() for c in REFS_CONFIGS
-            ):
-                raise FileNotFoundError(
-                    f"{folder} is a refer source, not a built folder: build one first with "
-                    f"`nemo-hf build --source {folder} --out DIR`, then point this command at DIR"
-                )
-            raise FileNotFoundError(f"{path}: no build manifest; is {folder} a folder written by `nemo-hf build`?")
-        try:
-            report = cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as err:  # not JSON, not an object, or another format's keys
-            raise ValueError(f"{path}: not a nemo_hf build manifest ({err})") from None
-        report._check_shards(path)
-        return report
-
-    def _check_shards(self, path: Path) -> None:
-        """Every shard the manifest names is a relative path inside the folder: commands read them, and a
-        folder from a stranger must not make them read elsewhere."""
-        if not isinstance(self.configs, dict):
-            raise ValueError(f"{path}: 'configs' is not an object; not a nemo_hf build manifest")
-        for name, entry in self.configs.items():
-            splits = entry.get("splits") if isinstance(entry, dict) else None
-            if not isinstance(splits, dict) or not all(isinstance(s, dict) and isinstance(s.get("shards"), list) for s in splits.values()):
-                raise ValueError(f"{path}: config {name!r} has no splits with shard lists; not a nemo_hf build manifest")
-            for split, info in splits.items():
-                for shard in info["shards"]:
-                    if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
-                        raise ValueError(f"{path}: {name}/{split} shard {shard!r} is not a file inside the folder (an absolute or a '..' path)")
 
 
 def resolve_configs(source_root, datasets_and_split_bys: list[str]) -> list[str]:
@@ -144,9 +83,9 @@ def build_folder(
     is an earlier build (else `OutFolderError`, and nothing is touched). Under a launcher
     (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) every rank embeds its share into the
     shared embedding cache, then rank 0 alone selects and writes the folder while the others wait for
-    it (``nemo_hf.distributed``).
+    it (``nemo_hf.mining.ranks``).
     """
-    from .distributed import launched
+    from ..mining.ranks import launched
 
     if launched():
         return _build_on_ranks(source_root, out_dir, configs, image_dir, mining, max_shard_size)
@@ -160,7 +99,7 @@ def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOpti
 
     from nemo_hf_builders.nemo_refcoco import NemoRefcoco
 
-    from .distributed import launched_ranks
+    from ..mining.ranks import launched_ranks
 
     source = open_source(source_root, image_dir)
     _check_no_overlap(Path(out_dir).expanduser().resolve(), source)
@@ -403,7 +342,7 @@ def _write_preview(folder: Path, config: str, n: int = 8) -> None:
     """A grid of mosaics for the card (and the Hub page): a person can see at once that masks land right."""
     from datasets import Dataset
 
-    from .preview import render_preview
+    from ..inspection.preview import render_preview
 
     def read(name: str, split: str) -> Dataset:
         files = sorted(str(p) for p in (folder / "data" / name).glob(f"{split}-*.parquet"))

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .refer import encode_rle
+from ..masks import encode_rle
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_SCHEMA = pa.schema(
@@ -91,7 +91,7 @@ class PredictionWriter:
 
     def add(self, row: Mapping, pred) -> None:
         """A prediction over an `EvalTransform` output row's square, at any resolution (mask, logits or probabilities)."""
-        from .geometry import prediction_to_original
+        from ..transforms.geometry import prediction_to_original
 
         missing = {"sent_id", "orig_size", "content_box"} - set(row)
         if missing:

@@ -1,12 +1,7 @@
 """Image and sentence embeddings for mining, with any ``transformers`` checkpoint that has
-``get_image_features`` / ``get_text_features`` (CLIP, SigLIP, ...), cached on disk.
+``get_image_features`` / ``get_text_features`` (CLIP, SigLIP, ...), cached on disk (``cache``).
 
-Embeddings are L2-normalised float32. The cache is keyed by everything that changes them (model
-identity, dtype, preprocessing, nemo_hf version) and then per image id and content (bytes' digest, or file
-size and modification time), or per sentence id and text;
-it is written in chunks, each atomically, so an interrupted run resumes where it stopped.
-Image embeddings can also come as a memory-mapped ``.npy`` matrix filled from the cache chunk by chunk,
-for pools too large to hold in RAM.
+Embeddings are L2-normalised float32.
 """
 
 from __future__ import annotations
@@ -17,12 +12,8 @@ import io
 import json
 import logging
 import os
-import stat
-import uuid
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,217 +21,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from nemo_hf import __version__, progress
-from nemo_hf.pixels import to_8bit
+from .. import __version__, progress
+from ..pixels import to_8bit
+from .cache import ChunkWriter, EmbeddingCache, image_key, missing, read_matrix, stack, text_key
+from .identity import ModelIdentity, checkpoint_identity, module_identity
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 _LOG = logging.getLogger(__name__)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
 class ModelLoadError(OSError):
     """The embedding model could not be loaded; the message says how to point at one."""
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a model's embeddings are reproducible from (goes into cache keys and provenance).
-
-    ``revision``: the resolved hub commit; ``checkpoint_sha256``: a hash of the weight files and
-    config.json of a local checkpoint, or of the weights of a model built in memory.
-    """
-
-    model_id: str
-    revision: str | None = None
-    checkpoint_sha256: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def checkpoint_identity(model_id_or_path: str | Path, revision: str | None = None) -> ModelIdentity:
-    """Identity of a local checkpoint directory (file hashes) or a hub id (commit from the HF cache)."""
-    path = Path(model_id_or_path).expanduser()
-    if path.is_dir():
-        files = sorted(
-            f for f in path.iterdir() if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
-        )
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.name.encode() + b"\0")
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        return ModelIdentity(str(path.resolve()), checkpoint_sha256=digest.hexdigest())
-    return ModelIdentity(str(model_id_or_path), revision=_resolved_revision(str(model_id_or_path), revision))
-
-
-def module_identity(model: torch.nn.Module, model_id: str) -> ModelIdentity:
-    """Identity of a model built in memory: a hash of its parameters and buffers."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + b"\0" + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return ModelIdentity(model_id, checkpoint_sha256=digest.hexdigest())
-
-
-def _resolved_revision(repo_id: str, revision: str | None) -> str | None:
-    """The commit the HF cache resolves ``revision`` to (None when nothing is cached)."""
-    if revision is not None and len(revision) == 40 and all(ch in "0123456789abcdef" for ch in revision):
-        return revision
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return Path(cached).parent.name if isinstance(cached, str) else None
-
-
-class EmbeddingCache:
-    """Embeddings under one cache key: ``chunk-*.npz`` files (keys + vectors), each written atomically.
-
-    A run that stops keeps every chunk written; a chunk that cannot be read (a copy cut short, a
-    filesystem without atomic rename) is dropped with a warning and its embeddings recomputed.
-    """
-
-    def __init__(self, directory: str | Path, meta: dict):
-        self.directory = cache_directory(directory, meta)
-
-    def __repr__(self) -> str:
-        return f"EmbeddingCache({str(self.directory)!r})"
-
-    def load(self) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        for keys, vectors in self._chunks():
-            for key, vector in zip(keys, vectors):
-                found.setdefault(key, vector)
-        return found
-
-    def keys(self) -> set[str]:
-        """The keys present, read without their vectors."""
-        present: set[str] = set()
-        for keys, _ in self._chunks(vectors=False):
-            present.update(keys)
-        return present
-
-    def matrix_path(self, keys: Sequence[str]) -> Path:
-        """Where ``write_matrix`` puts the matrix of ``keys``: named by their ordered list, which finds it again."""
-        digest = hashlib.sha256()
-        for key in keys:
-            digest.update(key.encode() + b"\0")
-        return self.directory / f"matrix-{digest.hexdigest()[:20]}.npy"
-
-    def write_matrix(self, path: Path, keys: Sequence[str], dim: int) -> np.memmap:
-        """Write ``path``, a ``(len(keys), dim)`` float32 ``.npy`` file whose row i is ``keys[i]``'s vector, and
-        return it memory-mapped read-only.
-
-        Filled one chunk at a time: RAM holds one chunk and a key -> row dict, never the matrix, so a pool
-        of millions of images can be mined. Written under a temporary name, then renamed; the other
-        ``matrix-*.npy`` files here are removed first, since each is as large as a pool's embeddings.
-        """
-        for old in self.directory.glob("matrix-*.npy"):
-            if old != path and not old.is_dir():
-                old.unlink(missing_ok=True)
-        row_of: dict[str, int] = {}
-        repeats = []  # (row, the first row of its key)
-        for row, key in enumerate(keys):
-            first = row_of.setdefault(key, row)
-            if first != row:
-                repeats.append((row, first))
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(keys), dim))
-            for chunk_keys, vectors in self._chunks():
-                hits = [(i, row_of.pop(key)) for i, key in enumerate(chunk_keys) if key in row_of]  # first chunk wins
-                if hits:
-                    src, dst = np.array(hits).T
-                    out[dst] = vectors[src]
-            if row_of:
-                raise RuntimeError(
-                    f"image {next(iter(row_of)).split(':')[0]}: its embedding left the cache {self.directory} "
-                    "while the matrix was filled (a chunk was removed, or found unreadable and dropped); "
-                    "run again to recompute it"
-                )
-            if repeats:
-                dst, src = np.array(repeats).T
-                out[dst] = out[src]
-            out.flush()
-            del out
-            with tmp.open("rb+") as handle:
-                os.fsync(handle.fileno())
-            matrix = np.load(tmp, mmap_mode="r")  # mapped before the rename: another run's clean-up cannot remove it
-            os.replace(tmp, path)
-            matrix.filename = os.path.abspath(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a matrix is as large as the pool's embeddings: leave no partial one
-            raise
-        return matrix
-
-    def _chunks(self, vectors: bool = True) -> Iterator[tuple[list[str], np.ndarray | None]]:
-        """Each readable chunk's keys and (``vectors``) vectors, in file-name order; one that cannot be read
-        is dropped with a warning (class docstring), so its embeddings count as missing."""
-        for chunk in sorted(self.directory.glob("chunk-*.npz")):
-            try:
-                with np.load(chunk, allow_pickle=False) as data:
-                    keys = data["keys"]
-                    found = data["vectors"] if vectors else None
-                if keys.ndim != 1 or found is not None and (found.ndim != 2 or len(keys) != len(found)):
-                    raise ValueError(f"keys of shape {keys.shape} for vectors of shape {getattr(found, 'shape', None)}")
-            except UNREADABLE_NPZ as err:
-                warnings.warn(f"embedding cache: dropping unreadable chunk {chunk} ({err}); it will be recomputed")
-                chunk.unlink(missing_ok=True)
-                continue
-            yield keys.tolist(), found
-
-    def append(self, keys: Sequence[str], vectors: np.ndarray) -> None:
-        if not len(keys):
-            return
-        buffer = io.BytesIO()
-        np.savez(buffer, keys=np.asarray(keys, dtype=str), vectors=np.asarray(vectors, dtype=np.float32))
-        _atomic_write(self.directory / f"chunk-{uuid.uuid4().hex}.npz", buffer.getvalue())
-
-
-# what np.load(allow_pickle=False) raises on a damaged, truncated or hostile .npz (a header declaring a huge array)
-UNREADABLE_NPZ = (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile)
-
-
-def key_digest(meta: dict) -> str:
-    """A short, stable name for a cache key."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def cache_directory(directory: str | Path, meta: dict) -> Path:
-    """``directory``, made, with ``meta.json`` saying which key its files belong to (written once, atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    meta_path = directory / "meta.json"
-    if not meta_path.exists():
-        _atomic_write(meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
-    return directory
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _read_matrix(path: Path, shape: tuple[int, int]) -> np.memmap | None:
-    """The float32 matrix of ``shape`` that ``path`` holds, memory-mapped read-only; None when it is absent or
-    anything else (damaged, another shape, not a regular file: a FIFO would block the read), to be rewritten."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None
-        matrix = np.load(path, mmap_mode="r", allow_pickle=False)
-    except UNREADABLE_NPZ:
-        return None
-    if matrix.dtype != np.float32 or matrix.shape != shape or not matrix.flags.c_contiguous:
-        return None
-    return matrix
-
-
-class _ImageFiles(Dataset):
+class ImageFiles(Dataset):
     """Decodes and preprocesses images in DataLoader workers; errors name the image."""
 
     def __init__(self, items: Sequence[tuple[int, str | Path | bytes]], image_processor):
@@ -267,7 +61,7 @@ def _worker_init(_: int) -> None:
 
 def available_cores() -> int:
     """This process's cores: its affinity, shared with the other processes a launcher started on the node."""
-    from .distributed import local_processes
+    from .ranks import local_processes
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // local_processes())
@@ -399,9 +193,9 @@ class Embedder:
             raise ValueError("memory_map=True needs a cache_dir: the matrix file is kept in the cache")
         cache = self._open_cache(kind, cache_dir)
         path = cache.matrix_path(keys)
-        matrix = _read_matrix(path, (len(keys), self.dim))
+        matrix = read_matrix(path, (len(keys), self.dim))
         if matrix is None:  # what the cache lacks goes into it chunk by chunk, then the matrix is filled from it
-            self._compute(kind, keys, items, batches, _missing(keys, cache.keys()), cache, None)
+            self._compute(kind, keys, items, batches, missing(keys, cache.keys()), cache, None)
             matrix = cache.write_matrix(path, keys, self.dim)
         return matrix
 
@@ -419,7 +213,7 @@ class Embedder:
         """Under several processes: this rank's share of the ``images`` and ``texts`` that ``cache_dir``
         lacks, embedded into it. Returns how many of each kind this rank embedded.
 
-        ``ranks``: a ``nemo_hf.distributed.Ranks``. Per kind, every rank lists the cache, all meet (so
+        ``ranks``: a ``nemo_hf.mining.ranks.Ranks``. Per kind, every rank lists the cache, all meet (so
         all see the same list: nobody writes before everyone has listed), each embeds its contiguous
         block of what is missing, and all meet again. ``cache_dir`` must be one folder every rank
         sees (shared storage across nodes); afterwards ``embed_images``/``embed_texts`` on any rank
@@ -430,7 +224,7 @@ class Embedder:
             cache = self._open_cache(kind, cache_dir)
             present = cache.keys()
             ranks.barrier(f"listing the {kind} embedding cache")
-            todo = _missing(keys, present)
+            todo = missing(keys, present)
             if kind == "text" and todo:  # split in the order the batches are made, so they are a single process's
                 todo = [todo[i] for i in self._by_length([items[i][1] for i in todo])]
             mine = [todo[i] for i in ranks.share(len(todo), self.batch_size)]
@@ -442,53 +236,35 @@ class Embedder:
 
     def _image_job(self, images) -> tuple[str, list[str], list, Callable]:
         items = [(int(image_id), source) for image_id, source in images]
-        return "image", [_image_key(i, source) for i, source in items], items, self._image_batches
+        return "image", [image_key(i, source) for i, source in items], items, self._image_batches
 
     def _text_job(self, texts) -> tuple[str, list[str], list, Callable]:
         items = [(int(sent_id), str(text)) for sent_id, text in texts]
-        keys = [f"{i}:{hashlib.sha256(t.encode()).hexdigest()[:16]}" for i, t in items]
-        return "text", keys, items, self._text_batches
+        return "text", [text_key(i, text) for i, text in items], items, self._text_batches
 
     def _open_cache(self, kind: str, cache_dir: str | Path) -> EmbeddingCache:
-        meta = self.cache_key(kind)
-        return EmbeddingCache(Path(cache_dir) / f"{kind}-{key_digest(meta)}", meta)
+        return EmbeddingCache.for_kind(cache_dir, kind, self.cache_key(kind))
 
     def _embed(self, kind: str, keys: list[str], items: list, batches: Callable, cache_dir) -> np.ndarray:
         cache = None if cache_dir is None else self._open_cache(kind, cache_dir)
         found = {} if cache is None else cache.load()
-        self._compute(kind, keys, items, batches, _missing(keys, found), cache, found)
-        return self._stack(found, keys)
+        self._compute(kind, keys, items, batches, missing(keys, found), cache, found)
+        return stack(found, keys, self.dim)
 
     def _compute(self, kind: str, keys, items, batches: Callable, todo: list[int], cache, found: dict | None) -> None:
         """Embed ``items[todo]`` into ``cache`` (chunk by chunk) and ``found`` (when given)."""
         if not todo:
             return
-        pending_keys: list[str] = []
-        pending: list[np.ndarray] = []
-        try:
-            stage_name = "embed images" if kind == "image" else "embed sentences"
-            with self._thread_budget(), progress.stage(stage_name, len(todo), disable=not self.progress) as bar:
+        stage_name = "embed images" if kind == "image" else "embed sentences"
+        with ChunkWriter(cache, self.cache_chunk, found) as writer:
+            with self.thread_budget(), progress.stage(stage_name, len(todo), disable=not self.progress) as bar:
                 for indices, vectors in batches([items[i] for i in todo], todo):
-                    for index, vector in zip(indices, vectors):
-                        if found is not None:
-                            found[keys[index]] = vector
-                        pending_keys.append(keys[index])
-                    pending.append(vectors)
+                    writer.add([keys[i] for i in indices], vectors)
                     bar.update(len(indices))
-                    if cache is not None and len(pending_keys) >= self.cache_chunk:
-                        cache.append(pending_keys, np.concatenate(pending))
-                        pending_keys, pending = [], []
-        finally:  # what was computed survives an interruption
-            if cache is not None and pending_keys:
-                cache.append(pending_keys, np.concatenate(pending))
-
-    def _stack(self, found: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
-        if not keys:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([found[key] for key in keys]).astype(np.float32, copy=False)
 
     @contextlib.contextmanager
-    def _thread_budget(self) -> Iterator[None]:
+    def thread_budget(self) -> Iterator[None]:
+        """Torch at this embedder's ``threads`` for the block, as it was after."""
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
@@ -498,7 +274,7 @@ class Embedder:
 
     def _image_batches(self, items: list, indices: list[int]) -> Iterator[tuple[list[int], np.ndarray]]:
         loader = DataLoader(
-            _ImageFiles(items, self.image_processor),
+            ImageFiles(items, self.image_processor),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             worker_init_fn=_worker_init if self.num_workers else None,
@@ -509,7 +285,7 @@ class Embedder:
         for pixels in loader:
             with torch.inference_mode():
                 out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-            yield indices[start : start + len(pixels)], _normalised(out)
+            yield indices[start : start + len(pixels)], normalised(out)
             start += len(pixels)
 
     def _by_length(self, texts: list[str]) -> np.ndarray:
@@ -532,32 +308,10 @@ class Embedder:
             inputs = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
             with torch.inference_mode():
                 out = self.model.get_text_features(**inputs)
-            yield [indices[i] for i in batch], _normalised(out)
+            yield [indices[i] for i in batch], normalised(out)
 
 
-def _image_key(image_id: int, source) -> str:
-    """An image's cache key: its id and what identifies its content (encoded bytes: their digest; a file: its
-    size and modification time). An id alone is not content: another source, or a replaced file, may use it
-    for another image, whose negatives would then be mined from the old image's embedding."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"{image_id}:{hashlib.sha256(source).hexdigest()[:16]}"
-    try:
-        status = os.stat(source)
-    except OSError:
-        return f"{image_id}:unreadable"  # embedding it raises the error that names the image
-    return f"{image_id}:{status.st_size}:{status.st_mtime_ns}"
-
-
-def _missing(keys: list[str], present) -> list[int]:
-    """The first position of each key not in ``present``, in order."""
-    first: dict[str, int] = {}
-    for index, key in enumerate(keys):
-        if key not in present:
-            first.setdefault(key, index)
-    return list(first.values())
-
-
-def _normalised(out) -> np.ndarray:
+def normalised(out) -> np.ndarray:
     """The projected embedding (``pooler_output`` of transformers 5 outputs), L2-normalised float32."""
     emb = (out.pooler_output if hasattr(out, "pooler_output") else out).float()
     return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()

@@ -4,7 +4,7 @@ negatives' scores, pool size per sentence, fallbacks.
 Reads the negative columns of a refs dataset (``schema.REFS_FEATURES``); rows without mined
 negatives (val/test, unmined builds) count as refs but contribute no sentence. On a built folder,
 ``folder_stats`` adds the distribution tau bounds, from the mining embeddings the folder keeps
-(``nemo_hf.embeddings``), and previews another tau without rebuilding.
+(``nemo_hf.folder.embeddings``), and previews another tau without rebuilding.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import embeddings
-from .schema import IMAGES_CONFIG
+from ..folder import embeddings
+from ..schema import IMAGES_CONFIG
 
 NEGATIVE_COLUMNS = ("sentences", "negatives", "negative_scores", "negative_fallback")
 QUANTILES = {"min": 0, "p5": 5, "p25": 25, "median": 50, "p75": 75, "p95": 95, "max": 100}
@@ -260,7 +260,7 @@ def folder_stats(
     Returns the text report."""
     from datasets import Dataset
 
-    from .folder import BuildReport
+    from ..folder.manifest import BuildReport
 
     folder = Path(folder)
     report = BuildReport.read(folder)
@@ -282,12 +282,12 @@ def folder_stats(
         if tau is not None:
             raise ValueError(f"{folder}: keeps no mining embeddings (built by an older nemo_hf): rebuild to preview a tau")
     else:
-        pool = _pool(folder, report, config)
+        pool = negative_pool(folder, report, config)
         similarity = _similarity(kept, pool, mining, tau, sample, seed)
     return write_stats(refs, out_png, similarity)
 
 
-def _pool(folder: Path, report, config: str) -> np.ndarray:
+def negative_pool(folder: Path, report, config: str) -> np.ndarray:
     """Image ids of ``config``'s negative pool (the images config's ``negative_pool_of``)."""
     ids = []
     for shard in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]:
@@ -298,7 +298,7 @@ def _pool(folder: Path, report, config: str) -> np.ndarray:
 
 
 def _similarity(kept, pool_ids, mining: dict, tau, sample: int, seed: int) -> Similarity:
-    from .mine import MiningParams, resolve_tau, select_negatives
+    from ..mining.negatives import MiningParams, resolve_tau, select_negatives
 
     image_ids = np.asarray(kept.image_ids)
     row = {int(i): r for r, i in enumerate(image_ids)}
@@ -320,7 +320,7 @@ def _similarity(kept, pool_ids, mining: dict, tau, sample: int, seed: int) -> Si
     sim.preview_spec = str(tau)
     # The sampled sentences mined again at both taus (from the same float16 copies, so like is compared with like).
     picks = {}
-    miner_log = logging.getLogger("nemo_hf.mine")
+    miner_log = logging.getLogger("nemo_hf.mining.negatives")
     level = miner_log.level
     miner_log.setLevel(logging.WARNING)  # its per-search INFO line is build progress, noise in a report
     try:

@@ -1,7 +1,7 @@
 """Scoring a predictions file on a split, with scores broken down by how hard each expression is.
 
 The NeMo paper's observation is that models fail on hard referring cases: several objects of the same
-kind, long expressions. So besides oIoU / mIoU / Prec@X (`nemo_hf.metrics`) every expression falls in
+kind, long expressions. So besides oIoU / mIoU / Prec@X (`nemo_hf.evaluation.metrics`) every expression falls in
 one bucket of each breakdown (`BREAKDOWNS`), and each bucket gets its count and its oIoU / mIoU.
 
 Masks are compared in RLE space with pycocotools (area and intersection of two RLEs), never decoded:
@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
-from .geometry import rle_runs
+from ..masks import rle_problem
+from ..transforms.sampling import SPATIAL_WORDS
 from .metrics import RISMetrics
-from .mosaic import SPATIAL_WORDS
 from .predictions import read_predictions
 
 EVAL_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -143,22 +143,6 @@ def _object_facts(images: pa.Table, refs: pa.Table) -> tuple[dict, dict]:
     return same, dict(zip(ann_ids[is_target].tolist(), supers))
 
 
-def _rle_problem(rle: Mapping) -> str | None:
-    """Why a compressed RLE cannot be a mask of its size (pycocotools would read past it), or None."""
-    counts = rle["counts"]
-    raw = counts.encode("ascii") if counts.isascii() else b"\x00"
-    if raw and (min(raw) < 48 or max(raw) > 111):  # each character carries 5 bits + a continuation bit, offset 48
-        return "counts is not a COCO RLE string"
-    try:
-        runs = rle_runs(raw)
-    except ValueError as err:
-        return str(err)
-    h, w = rle["size"]
-    if (runs < 0).any() or int(runs.sum()) != h * w:
-        return f"counts cover {int(runs.sum())} pixels, not h*w = {h * w}"
-    return None
-
-
 class _Problems:
     """What is wrong with a predictions file, a few ids named per kind, all counted."""
 
@@ -214,7 +198,7 @@ def score_predictions(
                 f"sent_id {sent_id} is {size[0]}x{size[1]} (h x w), its image {gt['size'][0]}x{gt['size'][1]}",
             )
             continue
-        problem = _rle_problem(mask)
+        problem = rle_problem(mask)
         if problem:
             problems.add("unreadable mask(s)", f"sent_id {sent_id} ({where}): {problem}")
             continue
@@ -291,7 +275,7 @@ def evaluate_predictions(
 def split_tables(folder: str | os.PathLike, config: str, split: str) -> tuple[pa.Table, pa.Table]:
     """The refs split and the images config of a folder written by `nemo-hf build`, only the columns scoring reads
     (the images' JPEG bytes are never read)."""
-    from .folder import BuildReport
+    from ..folder.manifest import BuildReport
 
     folder = Path(folder)
     report = BuildReport.read(folder)
@@ -311,48 +295,3 @@ def split_tables(folder: str | os.PathLike, config: str, split: str) -> tuple[pa
     return refs, read(shards, ["image_id", "objects"])
 
 
-def format_report(report: dict, title: str) -> str:
-    """The printed report: the convention first, then the metrics (percent), then each breakdown."""
-    conv, metrics = report["convention"], report["metrics"]
-    lines = [
-        f"{title}: {metrics['n_expressions']:,} expressions",
-        f"convention: IoU at {conv['resolution']}; {conv['precision']}; {conv['empty']}",
-    ]
-    if conv["missing_scored_empty"]:
-        lines.append(f"missing: {conv['missing_scored_empty']:,} expressions had no prediction and were scored as empty")
-    precs = "  ".join(f"{k} {v * 100:.2f}" for k, v in metrics.items() if k.startswith("Prec@"))
-    lines.append(f"oIoU {metrics['oIoU'] * 100:.2f}  mIoU {metrics['mIoU'] * 100:.2f}  {precs}")
-    for key, rows in report["breakdowns"].items():
-        lines.append(f"\nby {BREAKDOWNS[key][0]}:")
-        lines.append(f"  {'bucket':<14}{'n':>8}{'oIoU':>9}{'mIoU':>9}")
-        for row in rows:
-            scores = "".join(f"{row[m] * 100:>9.2f}" if row[m] is not None else f"{'-':>9}" for m in ("oIoU", "mIoU"))
-            lines.append(f"  {row['bucket']:<14}{row['n']:>8,}{scores}")
-    return "\n".join(lines)
-
-
-def plot_breakdowns(report: dict, path: str | os.PathLike, title: str = "") -> Path:
-    """The breakdowns as bar charts (oIoU and mIoU per bucket, the count under each), one panel per breakdown."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib (or nemo-hf[mining])") from None
-    breakdowns = report["breakdowns"]
-    fig, axes = plt.subplots(1, len(breakdowns), figsize=(4.2 * len(breakdowns), 3.8), squeeze=False)
-    for ax, (key, rows) in zip(axes[0], breakdowns.items()):
-        x = np.arange(len(rows))
-        for offset, metric in ((-0.2, "oIoU"), (0.2, "mIoU")):
-            ax.bar(x + offset, [100 * (r[metric] or 0) for r in rows], width=0.4, label=metric)
-        ax.set_xticks(x, [f"{r['bucket']}\nn={r['n']:,}" for r in rows], fontsize=8)
-        ax.set_ylim(0, 100)
-        ax.set_title(BREAKDOWNS[key][0], fontsize=9)
-    axes[0][0].set_ylabel("%")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

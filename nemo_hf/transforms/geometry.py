@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ..masks import rle_sample
+
 TILE_MODES = ("squash", "letterbox")
 # Tile filters after the DCT-scaled decode (which leaves a factor between 1/2 and 1), both antialiased:
 # bilinear is the default, bicubic a little sharper and ~10% dearer (bench/bench_mosaic.py).
@@ -143,67 +145,6 @@ def mask_box(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[float] 
     rows = np.flatnonzero(mask.any(axis=1))
     x0, y0 = int(cols[0]) + offset[0], int(rows[0]) + offset[1]
     return [float(x0), float(y0), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)]
-
-
-def rle_runs(counts: str | bytes | Sequence[int]) -> np.ndarray:
-    """Run lengths of a COCO RLE (column-major, starting with a run of zeros), compressed string or plain list.
-
-    Vectorised port of pycocotools' ``rleFrString``: 5-bit groups offset by 48, bit 0x20 continues a
-    number, bit 0x10 of its last group is the sign, and from the fourth number on each is stored as
-    the difference to the number two places before.
-    """
-    if not isinstance(counts, (str, bytes)):
-        return np.asarray(counts, dtype=np.int64)
-    raw = counts.encode("ascii") if isinstance(counts, str) else counts
-    chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
-    if chars.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if chars.min() < 0 or chars.max() > 63:
-        raise ValueError("RLE counts string has a character outside '0'..'o'")
-    ends = np.flatnonzero((chars & 0x20) == 0)
-    if ends.size == 0 or ends[-1] != chars.size - 1:
-        raise ValueError("truncated RLE counts string")
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    if lengths.max() > 6:  # pycocotools shifts 5-bit groups in a 32-bit int: a 7th group is garbled there
-        raise ValueError("RLE counts string holds a number of more than 6 characters (pycocotools misreads it)")
-    shift = 5 * (np.arange(chars.size) - np.repeat(starts, lengths))
-    values = np.add.reduceat((chars & 0x1F) << shift, starts)
-    values = np.where((chars[ends] & 0x10) != 0, values - (1 << (5 * lengths)), values)
-    runs = values.copy()
-    runs[1::2] = np.cumsum(values[1::2])
-    runs[2::2] = np.cumsum(values[2::2])
-    if runs.max() >= 1 << 32:  # pycocotools keeps runs as uint32: a longer one is truncated there
-        raise ValueError("RLE counts string holds a run of 2^32 pixels or more")
-    return runs
-
-
-def rle_sample(rle: dict, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``decode(rle)[np.ix_(rows, cols)]`` without decoding the full-size mask.
-
-    ``rows`` and ``cols`` must be non-decreasing (nearest-neighbour indices are). Each run boundary is
-    located among the sampled pixels (in column-major order), then the runs are expanded at the
-    sampled resolution only. The result may be a transposed (column-major) view.
-    """
-    h, w = (int(v) for v in rle["size"])
-    runs = rle_runs(rle["counts"])
-    bounds = np.cumsum(runs)
-    if bounds.size == 0 or bounds[-1] != h * w:
-        raise ValueError(f"RLE counts sum to {int(bounds[-1]) if bounds.size else 0}, expected h*w = {h * w}")
-    rows = np.asarray(rows, dtype=np.intp)
-    cols = np.asarray(cols, dtype=np.intp)
-    upsampled = cols.size > 1 and not bool((cols[1:] > cols[:-1]).all())
-    unique_cols, expand = np.unique(cols, return_inverse=True) if upsampled else (cols, None)
-    col_of, row_of = np.divmod(bounds, h)
-    cols_before = np.searchsorted(unique_cols, col_of, side="left")
-    sampled_col = unique_cols[np.minimum(cols_before, unique_cols.size - 1)] == col_of
-    rows_before = np.where(sampled_col, np.searchsorted(rows, row_of, side="left"), 0)
-    points_before = cols_before * rows.size + rows_before
-    run_lengths = np.diff(points_before, prepend=0)
-    values = (np.arange(runs.size) & 1).astype(np.uint8)
-    flat = np.repeat(values, run_lengths)
-    sampled = flat.reshape(unique_cols.size, rows.size).T
-    return sampled[:, expand] if upsampled else sampled
 
 
 def prediction_to_original(

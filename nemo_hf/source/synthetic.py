@@ -338,7 +338,7 @@ def _instances(images, used_ids) -> dict:
     """COCO instances of the images a dataset's refs use, with all their objects (referred or not)."""
     used = [im for im in images if im["id"] in used_ids]
     return {
-        "info": {"description": "Synthetic refer source made by nemo_hf.synthetic (COCO 2014 layout).",
+        "info": {"description": "Synthetic refer source made by nemo_hf.source.synthetic (COCO 2014 layout).",
                  "url": "https://github.com/lichengunc/refer", "version": "1.0", "year": 2014,
                  "contributor": "nemo_hf", "date_created": "2015-01-27 09:11:52.357475"},
         "images": [{"license": im["license"], "file_name": f"COCO_train2014_{im['id']:012d}.jpg",

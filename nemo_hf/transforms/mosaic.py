@@ -1,302 +1,46 @@
 """NeMo mosaics rendered lazily per sample, and the matching evaluation transform.
 
 `NeMoMosaic` is meant for ``Dataset.set_transform`` / ``with_transform`` (or ``IterableDataset.map(...,
-batched=True)``): every call draws a sentence, a mode, a quadrant and the negatives afresh from a seed
-derived from (seed, epoch, ref_id), so a sample is the same whatever the DataLoader workers and
+batched=True)``): every call draws a sentence, a mode, a quadrant and the negatives afresh (`sampling`)
+from a seed derived from (seed, epoch, ref_id), so a sample is the same whatever the DataLoader workers and
 changes every epoch. `EvalTransform` renders evaluation rows (one sentence each, see
 `explode_sentences`) with the same output columns plus what is needed to map a prediction back.
 
-Speed: a tile is a quarter of the output, so JPEGs are decoded at the smallest DCT scale whose result
-still covers the tile (libjpeg-turbo scaling through simplejpeg) and then resized straight into a numpy
-canvas (`geometry.resize_pixels`); the target mask is sampled from its RLE at tile resolution
+Speed: tiles are decoded at a reduced JPEG scale (`images.EncodedImage`) and then resized straight into
+a numpy canvas (`geometry.resize_pixels`); the target mask is sampled from its RLE at tile resolution
 (`geometry.rle_sample`), never decoded at full size. PIL comes in only for non-JPEG sources and for
 the output image when arrays are not asked for.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from functools import partial
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import simplejpeg
 from PIL import Image
 
-from . import schema
+from .. import schema
+from ..masks import encode_rle
 from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
-from .pixels import to_8bit
-from .refer import encode_rle
+from .images import DECODE_ERRORS, OBJECTS_COLUMN, EncodedImage, ImageTable
+from .sampling import Warmup, draw_cell, draw_mode, draw_negatives, draw_sentence, normalise_p
 
-MODES = ("single", "random", "retrieval")
 OUTPUT_COLUMNS = (
     "image", "mask", "bbox", "sentence", "sent_id", "ref_id",
     "target_quadrant", "tile_image_ids", "mode", "notes",
 )  # fmt: skip
 EVAL_COLUMNS = OUTPUT_COLUMNS + ("orig_size", "content_box", "orig_mask")
-OBJECTS_COLUMN = "objects"  # with return_objects=True
 GRIDS = (2, 3)
 OBJECT_MASKS = ("array", "rle")
-
-# Whole words that pin the target to a side of the grid: the first or last column, the first or last row
-# (the official loader's list; for 2x2, tiles row-major 0 TL, 1 TR, 2 BL, 3 BR).
-SPATIAL_WORDS = {
-    "left": "left",
-    "right": "right",
-    **{w: "top" for w in ("top", "high", "above")},
-    **{w: "bottom" for w in ("bottom", "low", "below", "under", "beneath")},
-}
 # Mean ImageNet colour: letterbox padding becomes ~0 after the usual normalisation.
 DEFAULT_FILL = (124, 116, 104)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_JPEG_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to RGB itself; CMYK/YCCK go through PIL
-
-
-def spatial_quadrants(words: Sequence[str], grid: int = 2) -> list[int]:
-    """Cells (row-major) the target may take in a ``grid`` x ``grid`` mosaic given an expression's words:
-    "left" the first column, "right" the last, "top" the first row, "bottom" the last; contradictory
-    or none: every cell."""
-    cells = set(range(grid * grid))
-    sides = {
-        "left": {c for c in cells if c % grid == 0},
-        "right": {c for c in cells if c % grid == grid - 1},
-        "top": {c for c in cells if c // grid == 0},
-        "bottom": {c for c in cells if c // grid == grid - 1},
-    }
-    allowed = set(cells)
-    for word in words:
-        side = SPATIAL_WORDS.get(word.lower())
-        if side is not None:
-            allowed &= sides[side]
-    return sorted(allowed) or sorted(cells)
-
-
-def _words(sentence: Mapping) -> list[str]:
-    tokens = sentence.get("tokens") or []
-    return list(tokens) if tokens else re.findall(r"[a-z]+", str(sentence.get("sent", "")).lower())
-
-
-class EncodedImage:
-    """An encoded image: its stored size read from the header, decoded on demand at a reduced scale.
-
-    EXIF orientation is never applied: annotations refer to the stored pixel order.
-    """
-
-    __slots__ = ("data", "size", "_pil")
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self._pil = None
-        header = None
-        if data[:2] == b"\xff\xd8":
-            try:
-                header = simplejpeg.decode_jpeg_header(data)
-            except ValueError:
-                header = None
-        if header is not None and header[2] in _JPEG_COLORSPACES:
-            self.size = (header[1], header[0])
-        else:
-            self._pil = Image.open(io.BytesIO(data))
-            self.size = self._pil.size
-
-    def decode(self, min_size: tuple[int, int], layout: str = "RGB") -> np.ndarray:
-        """Pixels (uint8 HxWx3 for ``RGB``, HxWx4 for ``RGBX``) at the smallest JPEG DCT scale whose result is
-        at least ``min_size`` (w, h)."""
-        if self._pil is None:
-            try:
-                return simplejpeg.decode_jpeg(
-                    self.data, colorspace=layout, min_width=min_size[0], min_height=min_size[1], strict=True
-                )
-            except ValueError:
-                # A libjpeg warning (say, extraneous bytes before a marker) or real damage: PIL tolerates
-                # the first and raises on the second, like any full decoder.
-                self._pil = Image.open(io.BytesIO(self.data))
-        image = self._pil
-        if image.format == "JPEG":
-            image.draft("RGB", min_size)
-        return np.array(to_8bit(image, layout))  # a 16-bit PNG scaled, not clipped to white
-
-
-class _BinaryCells:
-    """One chunk of an Image column: a cell's bytes as a view of the (memory-mapped) Arrow buffer, or its file."""
-
-    def __init__(self, chunk):
-        encoded = chunk.field("bytes")
-        _, offsets, data = encoded.buffers()
-        width = np.int64 if encoded.type == pa.large_binary() else np.int32
-        self.offsets = np.frombuffer(offsets, width)[encoded.offset : encoded.offset + len(encoded) + 1]
-        self.missing = encoded.is_null().to_numpy(zero_copy_only=False)
-        self.data = memoryview(b"" if data is None else data).cast("B")  # Arrow exports signed chars
-        self.paths = chunk.field("path")
-
-    def get(self, i: int) -> bytes | memoryview | None:
-        if self.missing[i]:
-            path = self.paths[i].as_py()
-            if path is None:
-                return None
-            with open(path, "rb") as f:
-                return f.read()
-        return self.data[self.offsets[i] : self.offsets[i + 1]]
-
-
-class ImageTable:
-    """image_id -> encoded bytes from the ``images`` config (or a Mapping), indexed lazily once per process.
-
-    Only the index-free source (the Dataset or Mapping) is pickled; each process rebuilds the
-    image_id -> row index on first use and then reads a cell's bytes straight from the dataset's
-    (memory-mapped) Arrow column, a few microseconds instead of a formatted row's tens.
-    """
-
-    def __init__(self, images, pool: Sequence[int] | None = None, config: str | None = None):
-        if isinstance(images, datasets.DatasetDict):
-            raise TypeError(f"images is a DatasetDict with splits {list(images)}; pass its split, e.g. images['train']")
-        if isinstance(images, datasets.IterableDataset):
-            raise TypeError("images must allow random access: load the images config as a Dataset, not streaming")
-        if not isinstance(images, (datasets.Dataset, Mapping)):
-            raise TypeError(
-                f"images must be the images config Dataset or a Mapping image_id -> bytes, got {type(images).__name__}"
-            )
-        if config is not None and config not in schema.REFS_CONFIGS:
-            raise ValueError(f"unknown config {config!r}; known: {', '.join(schema.REFS_CONFIGS)}")
-        self.images = images
-        self.config = config
-        self._given_pool = None if pool is None else [int(i) for i in pool]
-        self._index: dict[int, tuple[int, int, int]] | None = None
-        self._cells = None
-        self._pool: list[int] | None = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_index": None, "_cells": None, "_pool": None}
-
-    @property
-    def has_objects(self) -> bool:
-        """Whether the table carries the ``objects`` column (folders built before it do not)."""
-        if isinstance(self.images, Mapping):
-            return True  # a Mapping value may be {"bytes": ..., "objects": [...]}; plain bytes mean none
-        return OBJECTS_COLUMN in self.images.column_names
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __repr__(self) -> str:
-        kind = "Mapping" if isinstance(self.images, Mapping) else "Dataset"
-        return f"<{kind} of {len(self)} images>"
-
-    def _dataset_index(self) -> dict[int, tuple[int, int, int]]:
-        """image_id -> (chunk, offset) in the Arrow ``image`` column and the table row, over the rows the Dataset shows."""
-        if self._index is None:
-            table = self.images.data.table
-            # a select/shuffle/filter view shows some rows of its table, through an indices mapping
-            mapping = self.images._indices
-            rows = np.arange(len(table)) if mapping is None else mapping.column(0).to_numpy()
-            ids = table.column("image_id").to_numpy()[rows]
-            column = table.column("image")
-            starts = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
-            chunk = np.searchsorted(starts, rows, side="right") - 1
-            offset = rows - starts[chunk]
-            self._index = {int(i): (int(c), int(o), int(r)) for i, c, o, r in zip(ids, chunk, offset, rows)}
-            self._cells = [_BinaryCells(chunk) for chunk in column.chunks]
-        return self._index
-
-    def bytes_of(self, image_id: int) -> bytes | memoryview | None:
-        """Encoded bytes (from a Dataset, a view of its Arrow buffer), or None when the id is not in the table."""
-        if isinstance(self.images, Mapping):
-            data = self.images.get(int(image_id))
-            return data["bytes"] if isinstance(data, Mapping) else data
-        place = self._dataset_index().get(int(image_id))
-        if place is None:
-            return None
-        return self._cells[place[0]].get(place[1])
-
-    def objects_of(self, image_id: int) -> list[dict]:
-        """The image's ``objects`` (schema.OBJECT, source coordinates); [] for an image the table lacks."""
-        if isinstance(self.images, Mapping):
-            data = self.images.get(int(image_id))
-            return list(data.get(OBJECTS_COLUMN) or []) if isinstance(data, Mapping) else []
-        place = self._dataset_index().get(int(image_id))
-        if place is None:
-            return []
-        return self.images.data.table.column(OBJECTS_COLUMN)[place[2]].as_py() or []
-
-    def pool(self) -> list[int]:
-        """The random-mode pool: images whose ``negative_pool_of`` names the config (never val/test images)."""
-        if self._given_pool is not None or isinstance(self.images, Mapping):
-            return self._given_pool or []
-        if self._pool is None:
-            table = self.images.select_columns(["image_id", "negative_pool_of"]).with_format("arrow")[:]
-            ids = table["image_id"].to_pylist()
-            pools = table["negative_pool_of"].to_pylist()
-            config = self.config
-            if config is None:
-                names = sorted({name for names in pools for name in names or ()})
-                if len(names) > 1:
-                    listed = ", ".join(names)
-                    raise ValueError(f"the images serve as negatives for several configs ({listed}); pass config=")
-                config = names[0] if names else None
-            self._pool = [int(i) for i, names in zip(ids, pools) if config in (names or ())]
-        return self._pool
-
-    def open(self, image_id: int) -> EncodedImage:
-        """The encoded image; KeyError when missing, one of the decode errors when the header is unreadable."""
-        data = self.bytes_of(image_id)
-        if data is None:
-            raise KeyError(image_id)
-        return EncodedImage(data)
-
-
-@dataclass(frozen=True)
-class Warmup:
-    """Before epoch ``epochs``, a sample is a random mosaic with probability ``p_random`` (else single).
-
-    The official loader's schedule: easy random mosaics first, the mode probabilities ``p`` after.
-    """
-
-    epochs: int
-    p_random: float = 1.0
-
-
-def _normalised(p: Mapping[str, float]) -> dict[str, float]:
-    unknown = set(p) - set(MODES)
-    if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)} in p; expected keys among {MODES}")
-    numbers = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in p.values())
-    if not numbers or not all(math.isfinite(v) and v >= 0 for v in p.values()) or sum(p.values()) <= 0:
-        raise ValueError(f"mode probabilities must be finite, non-negative and not all zero, got {dict(p)}")
-    total = sum(p.values())
-    return {mode: p.get(mode, 0.0) / total for mode in MODES}
 
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _draw_mode(rng: np.random.Generator, p: Mapping[str, float]) -> str:
-    """A mode with probabilities ``p``; one uniform draw (``rng.choice(p=...)`` costs 20 us a sample)."""
-    u = rng.random()
-    for mode in MODES:
-        u -= p[mode]
-        if u < 0:
-            return mode
-    return [mode for mode in MODES if p[mode] > 0][-1]  # u within rounding of 1
-
-
-def _shuffled(rng: np.random.Generator, pool: Sequence[int]) -> Iterator[int]:
-    """Pool items in random order without replacement; lazy, so a 20k-image pool costs a few draws."""
-    n = len(pool)
-    if n <= 64:
-        for i in rng.permutation(n):
-            yield pool[i]
-        return
-    seen: set[int] = set()
-    while len(seen) < n:
-        i = int(rng.integers(n))
-        if i not in seen:
-            seen.add(i)
-            yield pool[i]
 
 
 class _Renderer:
@@ -352,7 +96,7 @@ class _Renderer:
             return self.images.open(image_id)
         except KeyError:
             raise KeyError(f"ref {row.get('ref_id')}: target image {image_id} is not in the images table") from None
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             raise ValueError(f"ref {row.get('ref_id')}: target image {image_id} cannot be read: {err}") from err
 
     def _paint(self, source: EncodedImage, placement: Placement, canvas: np.ndarray) -> None:
@@ -363,7 +107,7 @@ class _Renderer:
         placement = Placement.fit(source.size, cell, self.tile)
         try:
             self._paint(source, placement, canvas)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             message = f"ref {row.get('ref_id')}: target image {row['image_id']} cannot be decoded: {err}"
             raise ValueError(message) from err
         try:
@@ -500,7 +244,7 @@ class NeMoMosaic(_Renderer):
         )  # fmt: skip
         grid_cells(self.output_size, grid)  # validates the size
         self.grid = grid
-        self.p = _normalised(p if p is not None else {"single": 0.5, "retrieval": 0.5})
+        self.p = normalise_p(p if p is not None else {"single": 0.5, "retrieval": 0.5})
         if schedule is not None and not 0.0 <= schedule.p_random <= 1.0:
             raise ValueError(f"schedule.p_random must be in [0, 1], got {schedule.p_random}")
         self.schedule = schedule
@@ -528,34 +272,11 @@ class NeMoMosaic(_Renderer):
         return _columns([self.render(row) for row in _rows(batch)], self.columns)
 
     def mode_probabilities(self) -> dict[str, float]:
-        if self.schedule is not None and self.epoch < self.schedule.epochs:
-            q = self.schedule.p_random
-            return {"single": 1.0 - q, "random": q, "retrieval": 0.0}
-        return self.p
-
-    def _rng(self, ref_id: int, sent_id: int | None) -> np.random.Generator:
-        key = [self.seed, self.epoch, ref_id & 0xFFFFFFFFFFFFFFFF]
-        if sent_id is not None:
-            key.append(sent_id & 0xFFFFFFFFFFFFFFFF)
-        return np.random.default_rng(key)
-
-    def _pick_sentence(self, row: Mapping) -> tuple[np.random.Generator, int | None, str, int]:
-        """(rng, index into ``sentences``, text, sent_id): a sentence drawn for the ref, or an exploded row's own."""
-        ref_id = int(row["ref_id"])
-        sentences = row.get("sentences") or []
-        if "sent_id" in row and "sentence" in row:  # a row of explode_sentences: its sentence, its own draws
-            sent_id = int(row["sent_id"])
-            ids = [int(s["sent_id"]) for s in sentences]
-            return self._rng(ref_id, sent_id), ids.index(sent_id) if sent_id in ids else None, row["sentence"], sent_id
-        if not sentences:
-            raise ValueError(f"ref {ref_id} has no sentences")
-        rng = self._rng(ref_id, None)
-        index = int(rng.integers(len(sentences)))
-        return rng, index, sentences[index][self.sentence_key], int(sentences[index]["sent_id"])
+        return self.p if self.schedule is None else self.schedule.probabilities(self.epoch, self.p)
 
     def render(self, row: Mapping) -> dict:
         """One output row for one refs row (a dict of its columns)."""
-        rng, index, sentence, sent_id = self._pick_sentence(row)
+        rng, index, sentence, sent_id = draw_sentence(row, self.seed, self.epoch, self.sentence_key)
         notes: list[str] = []
         source = self._open_target(row)
         split = row.get("split", schema.TRAIN_SPLIT)
@@ -563,38 +284,24 @@ class NeMoMosaic(_Renderer):
             notes.append(f"split {split!r}: never mosaicked")
             mode = "single"
         else:
-            mode = _draw_mode(rng, self.mode_probabilities())
+            mode = draw_mode(rng, self.mode_probabilities())
         if mode == "single":
             return self._single(row, source, sentence, sent_id, notes)
 
-        words = _words(row["sentences"][index]) if (self.spatial_words and index is not None) else []
-        quadrants = spatial_quadrants(words, self.grid)
-        quadrant = quadrants[int(rng.integers(len(quadrants)))]
+        spatial = row["sentences"][index] if (self.spatial_words and index is not None) else None
+        quadrant = draw_cell(rng, spatial, self.grid)
         cells = grid_cells(self.output_size, self.grid)
         canvas, mask = self._new_canvas()
         placement, box = self._paint_target(row, source, cells[quadrant], canvas, mask, notes)
         negative_cells = [cell for i, cell in enumerate(cells) if i != quadrant]
-        target_id = int(row["image_id"])
-
-        negatives = None
-        if mode == "retrieval":
-            mined = row.get("negatives") or []
-            has_list = index is not None and index < len(mined)
-            candidates = list(dict.fromkeys(int(i) for i in mined[index])) if has_list else []
-            if candidates:
-                negatives = self._fill(canvas, negative_cells, candidates, target_id, rng, notes)
-            if negatives is None:
-                notes.append(f"no usable mined negatives for sentence {sent_id}: random mode")
-                mode = "random"
-        if mode == "random":
-            negatives = self._fill(canvas, negative_cells, self.images.pool(), target_id, rng, notes)
-            if negatives is None:
-                notes.append("random pool empty or unreadable: single")
-                return self._single(row, source, sentence, sent_id, notes)
+        paint = partial(self._paint_negative, canvas, notes)
+        mode, negatives = draw_negatives(rng, mode, row, index, sent_id, self.images.pool, negative_cells, paint, notes)
+        if negatives is None:
+            return self._single(row, source, sentence, sent_id, notes)
         placements = [placement for _, placement in negatives]
         placements.insert(quadrant, placement)
         tile_ids = [image_id for image_id, _ in negatives]
-        tile_ids.insert(quadrant, target_id)
+        tile_ids.insert(quadrant, int(row["image_id"]))
         out = self._output(canvas, mask, box, sentence, sent_id, row, quadrant, tile_ids, mode, notes)
         if self.return_objects:
             out[OBJECTS_COLUMN] = self._objects(row, list(zip(range(len(tile_ids)), tile_ids, placements)), quadrant, notes)
@@ -609,7 +316,8 @@ class NeMoMosaic(_Renderer):
             out[OBJECTS_COLUMN] = self._objects(row, [(0, int(row["image_id"]), placement)], 0, notes)
         return out
 
-    def _try_paint(self, image_id: int, cell, canvas, notes) -> Placement | None:
+    def _paint_negative(self, canvas, notes, image_id: int, cell) -> Placement | None:
+        """The `sampling.draw_negatives` painter: None, with a note, for a missing or unreadable image."""
         try:
             source = self.images.open(image_id)
             placement = Placement.fit(source.size, cell, self.tile)
@@ -617,34 +325,9 @@ class NeMoMosaic(_Renderer):
             return placement
         except KeyError:
             notes.append(f"negative {image_id} missing from images: replaced")
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             notes.append(f"negative {image_id} unreadable ({type(err).__name__}): replaced")
         return None
-
-    def _fill(self, canvas, cells, candidates: Sequence[int], target_id: int, rng, notes) -> list[tuple[int, Placement]] | None:
-        """Paint ``cells`` with candidates (never the target's image) drawn without replacement; None if
-        not one is usable. A bad candidate is replaced by the next; with too few usable ones, they repeat.
-        Returns (image id, placement) per cell.
-        """
-        order = _shuffled(rng, candidates)
-        painted: list[tuple[int, Placement]] = []
-        for cell in cells:
-            for image_id in order:
-                placement = self._try_paint(image_id, cell, canvas, notes) if image_id != target_id else None
-                if placement is not None:
-                    painted.append((image_id, placement))
-                    break
-            else:
-                break
-        if not painted:
-            return None
-        if len(painted) < len(cells):
-            notes.append(f"only {len(painted)} usable negatives: repeated")
-            usable = [image_id for image_id, _ in painted]
-            for cell in cells[len(painted) :]:
-                image_id = usable[int(rng.integers(len(usable)))]
-                painted.append((image_id, self._try_paint(image_id, cell, canvas, notes)))
-        return painted
 
 
 class EvalTransform(_Renderer):

@@ -3,7 +3,7 @@ added: each training sentence's negatives as thumbnails with their t2i and i2i c
 ``show_all``, the candidates the false-negative filter dropped on the way, marked.
 
 Reads the folder's Parquet shards directly (one ref, its image, the negatives' images) and the mining
-embeddings it keeps (``nemo_hf.embeddings``); needs neither the model nor a rebuild.
+embeddings it keeps (``nemo_hf.folder.embeddings``); needs neither the model nor a rebuild.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from . import embeddings
-from .preview import NOTE_COLOUR, TEXT_COLOUR, draw_lines, load_font, mask_edge, outline_mask, wrap_text
-from .refer import decode_mask
-from .schema import IMAGES_CONFIG, TRAIN_SPLIT
+from ..folder import embeddings
+from ..masks import decode_mask
+from ..schema import IMAGES_CONFIG, TRAIN_SPLIT
+from .drawing import NOTE_COLOUR, TEXT_COLOUR, draw_lines, load_font, mask_edge, outline_mask, wrap_text
 
 KEPT_FRAME = (0, 90, 255)  # a negative the build kept
 DROPPED_FRAME = (255, 0, 0)  # a candidate the filter dropped (show_all)
@@ -156,8 +156,8 @@ def show_ref(
     per_row: int = 8,
 ) -> Shown:
     """Draw one ref (by ``ref_id``, or the ref of ``sent_id``, whose sentence alone is then shown)."""
-    from .folder import BuildReport
-    from .stats import _pool
+    from ..folder.manifest import BuildReport
+    from .stats import negative_pool
 
     if (ref_id is None) == (sent_id is None):
         raise ValueError("give exactly one of ref_id and sent_id")
@@ -172,7 +172,7 @@ def show_ref(
     indices = [i for i, s in enumerate(row["sentences"]) if sent_id is None or s["sent_id"] == int(sent_id)]
     mined = bool(mining) and row["split"] == TRAIN_SPLIT  # eval rows keep one empty list per sentence
     kept = embeddings.read(folder, config, [row["sentences"][i]["sent_id"] for i in indices]) if mined else None
-    pool_ids = _pool(folder, report, config) if show_all and mined else []
+    pool_ids = negative_pool(folder, report, config) if show_all and mined else []
 
     others, which = _same_category(folder, report, shards, row)
     candidates = {i: _candidates(row, i, kept, pool_ids, mining, show_all) for i in indices} if mined else {}

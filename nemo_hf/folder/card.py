@@ -13,7 +13,7 @@ from datasets.splits import SplitDict, SplitInfo
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCardData
 
-from .schema import IMAGES_CONFIG, IMAGES_FEATURES, REFS_FEATURES
+from ..schema import IMAGES_CONFIG, IMAGES_FEATURES, REFS_FEATURES
 
 PREVIEW_FILE = "preview.png"
 
@@ -104,7 +104,7 @@ def _mining_text(report) -> str:
     return (
         "For each training expression, candidate images of the training pool (own image excluded) are ranked by\n"
         "text-to-image similarity; candidates too similar to the target (above tau) are dropped as likely false\n"
-        "negatives; the first K survivors form the pool (`nemo_hf.mine`). The full provenance (nemo_hf version,\n"
+        "negatives; the first K survivors form the pool (`nemo_hf.mining`). The full provenance (nemo_hf version,\n"
         "preprocessing hashes, seeds) is in `nemo_hf.json` and in each refs shard's Arrow schema metadata (key `nemo_hf`).\n\n"
         + "\n".join(rows) + notes
     )

@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 
+from ..schema import IMAGES_CONFIG
 from .card import PREVIEW_FILE, render_card
-from .folder import MANIFEST, BuildReport
-from .schema import IMAGES_CONFIG
+from .manifest import MANIFEST, BuildReport
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 

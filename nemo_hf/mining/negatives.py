@@ -1,4 +1,4 @@
-"""Hard negatives for NeMo mosaics: the search, the false-negative filter, thresholds and provenance.
+"""Hard negatives for NeMo mosaics: the search, the false-negative filter and its threshold.
 
 The rule, per training sentence (the one the official NeMo loader applies to its precomputed lists):
 
@@ -14,10 +14,10 @@ FAISS's heap selection (``faiss.kmax``) takes the first ``top_k`` of what is lef
 ``IndexFlatIP.search`` cannot do this: its ID filter is one set per call, not one per sentence, so it
 would need lists deep enough to outlast the filter, and a sentence deep in a cluster of its image's
 near-duplicates needs hundreds. (i2i with an approximate index groups sentences by own image, which
-gives one ID filter per call: see ``_RuleSearch``.) IVF, IVF-PQ and HNSW indexes are options for pools
-far larger than COCO (t2i ones on the GPUs when faiss-gpu sees any): their top lists are re-scored
-exactly and filtered here, and the few sentences they leave short get the exact treatment. The image
-embeddings may be a memory map (``select_negatives``).
+gives one ID filter per call: see ``_RuleSearch``.) IVF, IVF-PQ and HNSW indexes (module ``index``) are
+options for pools far larger than COCO (t2i ones on the GPUs when faiss-gpu sees any): their top lists
+are re-scored exactly and filtered here, and the few sentences they leave short get the exact
+treatment. The image embeddings may be a memory map (``select_negatives``).
 Scores are float32 dot products and ties go to the lower image row, so the result equals the rule
 computed in any other way up to the order of candidates whose cosines agree within float32 rounding.
 """
@@ -29,17 +29,15 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from nemo_hf import __version__
+from .index import approximate_index, is_cpu, list_depth, selector_parameters, set_depth
+from .pool import PoolVectors, sample, unit_rows
 
 MODES = ("i2i", "t2i")
 INDEXES = ("flat", "ivf", "ivfpq", "hnsw")
@@ -155,8 +153,8 @@ def select_negatives(
     order (building one over millions of images takes minutes: build once, e.g. ``faiss.read_index``);
     built here when None.
     """
-    text = _unit_rows(text_emb, "text_emb")
-    image = _unit_rows(image_emb, "image_emb", in_ram=False)
+    text = unit_rows(text_emb, "text_emb")
+    image = unit_rows(image_emb, "image_emb", in_ram=False)
     if text.shape[1] != image.shape[1]:
         raise ValueError(f"text_emb has {text.shape[1]} dims but image_emb {image.shape[1]}")
     own_rows = _rows(text_image_row, len(image), "text_image_row")
@@ -179,7 +177,7 @@ def select_negatives(
             faiss.omp_set_num_threads(threads)
             if index is None:
                 start = time.perf_counter()
-                index = _approximate_index(rule.pool_vectors, params)
+                index = approximate_index(rule.pool_vectors, params.index, params.mode, params.seed)
                 _LOG.info("%s over %d images built in %.1f s", type(index).__name__, index.ntotal, time.perf_counter() - start)
             elif (index.ntotal, index.d) != (len(sorted_pool), image.shape[1]):
                 raise ValueError(
@@ -210,12 +208,12 @@ def resolve_tau(
         return float(np.float32(params.tau))
     rng = np.random.default_rng(params.seed)
     side = math.isqrt(params.sample_pairs - 1) + 1
-    candidates = _sample(rng, np.asarray(pool_rows), side)
+    candidates = sample(rng, np.asarray(pool_rows), side)
     if params.mode == "i2i":
-        anchors = _sample(rng, np.asarray(pool_rows), side)
+        anchors = sample(rng, np.asarray(pool_rows), side)
         anchor_emb, anchor_image = image_emb[anchors], anchors
     else:
-        sentences = _sample(rng, np.arange(len(text_emb)), side)
+        sentences = sample(rng, np.arange(len(text_emb)), side)
         anchor_emb, anchor_image = text_emb[sentences], np.asarray(text_image_row)[sentences]
     sims = anchor_emb.astype(np.float64) @ image_emb[candidates].astype(np.float64).T
     values = sims[anchor_image[:, None] != candidates[None, :]]
@@ -224,202 +222,16 @@ def resolve_tau(
     return float(np.float32(np.percentile(values, q)))
 
 
-class RefNegatives(NamedTuple):
-    """One ref's negative columns, aligned with its sentences (schema.REFS_FEATURES)."""
-
-    negatives: list[list[int]]
-    scores: list[list[float]]
-    fallback: list[bool]
-
-
-class _MiningInputs(NamedTuple):
-    """What a config's mining embeds: its training sentences and the images they and the pool need."""
-
-    sent_ids: list[int]
-    texts: list[str]
-    own_image_ids: list[int]
-    pool_ids: np.ndarray
-    image_ids: np.ndarray  # sorted: the pool and every sentence's own image
-
-    @classmethod
-    def of(cls, train_refs, image_files, pool_image_ids) -> _MiningInputs:
-        ref_ids: set[int] = set()
-        sent_ids: list[int] = []
-        texts: list[str] = []
-        own_image_ids: list[int] = []
-        for ref in train_refs:
-            ref_id = int(ref["ref_id"])
-            if ref_id in ref_ids:
-                raise ValueError(f"ref {ref_id} appears twice in train_refs")
-            ref_ids.add(ref_id)
-            if not ref["sentences"]:
-                raise ValueError(f"ref {ref_id} has no sentences")
-            for sentence in ref["sentences"]:
-                sent_ids.append(int(sentence["sent_id"]))
-                texts.append(str(sentence["sent"]))
-                own_image_ids.append(int(ref["image_id"]))
-        if not sent_ids:
-            raise ValueError("train_refs is empty: there is nothing to mine")
-        pool_ids = np.unique(np.asarray(pool_image_ids, dtype=np.int64))
-        image_ids = np.unique(np.concatenate([pool_ids, np.asarray(own_image_ids, dtype=np.int64)]))
-        missing = [int(i) for i in image_ids if int(i) not in image_files]
-        if missing:
-            raise KeyError(f"image_files lacks {len(missing)} image(s) needed for mining, e.g. image id {missing[0]}")
-        return cls(sent_ids, texts, own_image_ids, pool_ids, image_ids)
-
-    def images(self, image_files) -> list[tuple[int, str | Path | bytes]]:
-        return [(int(i), image_files[int(i)]) for i in self.image_ids]
-
-    def sentences(self) -> list[tuple[int, str]]:
-        return list(zip(self.sent_ids, self.texts))
-
-
-def mine_refs(
-    train_refs: Sequence[Mapping],
-    image_files: Mapping[int, str | Path | bytes],
-    pool_image_ids: Sequence[int],
-    embedder,
-    params: MiningParams = MiningParams(),
-    cache_dir: str | Path | None = None,
-) -> tuple[dict[int, RefNegatives], dict]:
-    """Mine negatives for one config's training refs.
-
-    ``train_refs``: rows with ``ref_id``, ``image_id``, ``sentences`` [{``sent_id``, ``sent``}].
-    ``image_files``: image id -> file path or encoded bytes, for every pool image and every ref's own
-    image (own images may lie outside the pool, e.g. google splits). ``embedder``: an
-    ``nemo_hf.embed.Embedder``. ``cache_dir``: its embedding cache; with an approximate ``params.index``
-    the image embeddings are memory-mapped from a matrix file there. Returns ref_id -> ``RefNegatives``
-    (negatives as image ids) and the provenance dict for the build manifest: everything the result
-    depends on (model identity, embedding dtype and preprocessing, the params, the resolved tau) and
-    its counts.
-    """
-    inputs = _MiningInputs.of(train_refs, image_files, pool_image_ids)
-    image_ids, pool_ids = inputs.image_ids, inputs.pool_ids
-    # An approximate index reads the pool from a memory-mapped file (millions of images need not fit in RAM);
-    # the exact search scores every image against every sentence, so it holds them in RAM anyway.
-    memory_map = params.index != "flat" and cache_dir is not None
-    image_emb = embedder.embed_images(inputs.images(image_files), cache_dir=cache_dir, memory_map=memory_map)
-    text_emb = embedder.embed_texts(inputs.sentences(), cache_dir=cache_dir)
-    text_image_row = np.searchsorted(image_ids, inputs.own_image_ids)
-    pool_rows = np.searchsorted(image_ids, pool_ids)
-    selection = select_negatives(text_emb, text_image_row, image_emb, pool_rows, params)
-
-    columns: dict[int, RefNegatives] = {}
-    i = 0
-    for ref in train_refs:
-        negatives, scores, fallback = [], [], []
-        for _ in ref["sentences"]:
-            rows, row_scores = selection.negatives(i)
-            negatives.append(image_ids[rows].tolist())
-            scores.append(row_scores.tolist())
-            fallback.append(bool(selection.fallback[i]))
-            i += 1
-        columns[int(ref["ref_id"])] = RefNegatives(negatives, scores, fallback)
-    image_key, text_key = embedder.cache_key("image"), embedder.cache_key("text")
-    provenance = {
-        "nemo_hf_version": __version__,
-        "model": embedder.identity.as_dict(),
-        "embedding_dtype": image_key["dtype"],
-        "image_preprocessing_sha256": image_key["preprocessing_sha256"],
-        "text_preprocessing_sha256": text_key["preprocessing_sha256"],
-        **asdict(params),
-        "tau_cosine": selection.tau,
-        "pool_size": len(pool_ids),
-        "sentences": len(inputs.sent_ids),
-        "fallback_sentences": selection.n_fallback,
-    }
-    return columns, provenance
-
-
-def embed_share(
-    train_refs: Sequence[Mapping],
-    image_files: Mapping[int, str | Path | bytes],
-    pool_image_ids: Sequence[int],
-    embedder,
-    cache_dir: str | Path,
-    ranks,
-) -> dict[str, int]:
-    """Under several processes: this rank's share of the embeddings ``mine_refs`` will need, computed
-    into the shared ``cache_dir`` (``Embedder.embed_share``); ``mine_refs`` on rank 0 then reads them all."""
-    inputs = _MiningInputs.of(train_refs, image_files, pool_image_ids)
-    return embedder.embed_share(inputs.images(image_files), inputs.sentences(), cache_dir, ranks)
-
-
-def _unit_rows(emb: np.ndarray, name: str, in_ram: bool = True) -> np.ndarray:
-    """``emb`` checked to be L2-normalised rows, as contiguous float32 in RAM; with ``in_ram=False`` a
-    float16 array or a float16/float32 ``np.memmap`` (a pool too large for RAM) is checked block by
-    block and kept as it is."""
-    kept = not in_ram and isinstance(emb, np.ndarray) and (
-        emb.dtype == np.float16 or isinstance(emb, np.memmap) and emb.dtype == np.float32
-    )
-    if not kept:
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty (n, d) matrix, got shape {emb.shape}")
-    tolerance = 4e-3 if emb.dtype == np.float16 else 1e-3  # float16 rounds each entry by up to 2**-11
-    for start in range(0, len(emb), _BLOCK_ROWS):
-        block = np.asarray(emb[start : start + _BLOCK_ROWS], dtype=np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block))  # no (n, d) temporary: 2 GB at 1M images
-        bad = np.flatnonzero(~(np.abs(norms - 1.0) <= tolerance))
-        if bad.size:
-            row = start + bad[0]
-            raise ValueError(f"{name} row {row} has norm {norms[bad[0]]:.4g}: embeddings must be L2-normalised")
-    return emb
-
-
-_BLOCK_ROWS = 65536  # rows of the image embeddings read at once where they may be memory-mapped (128 MB at 512-d)
-
-
-class _PoolVectors:
-    """The pool's rows of the image embeddings as float32, gathered or in blocks.
-
-    An in-RAM float32 matrix is copied to a contiguous pool matrix once (the exact search's BLAS
-    operand). Anything else (a float16 or memory-mapped matrix, for pools too large for RAM) is never
-    read whole: rows are gathered as needed and products run over blocks of ``_BLOCK_ROWS`` rows.
-    """
-
-    def __init__(self, image: np.ndarray, pool: np.ndarray):
-        self.pool, self.dim = pool, image.shape[1]
-        in_ram = type(image) is np.ndarray and image.dtype == np.float32
-        self.matrix = (image if len(pool) == len(image) else np.ascontiguousarray(image[pool])) if in_ram else None
-        self.image = image
-
-    def __len__(self) -> int:
-        return len(self.pool)
-
-    def take(self, pos: np.ndarray) -> np.ndarray:
-        """float32 vectors of pool positions ``pos`` (any shape: the result adds a last axis)."""
-        if self.matrix is not None:
-            return self.matrix[pos]
-        rows = self.pool[pos].ravel()
-        order = np.argsort(rows, kind="stable")  # ascending reads: sequential pages of a memory map
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        out[order] = self.image[rows[order]]
-        return out.reshape(*np.shape(pos), self.dim)
-
-    def dot(self, pos: np.ndarray, vector: np.ndarray) -> np.ndarray:
-        """Cosines of pool positions ``pos`` (1-d) with one vector, gathered ``_BLOCK_ROWS`` at a time."""
-        return np.concatenate(
-            [self.take(pos[s : s + _BLOCK_ROWS]) @ vector for s in range(0, len(pos), _BLOCK_ROWS)]
-            or [np.zeros(0, dtype=np.float32)]
-        )
-
-    def blocks(self):
-        """(start, float32 block) over the pool, in order."""
-        if self.matrix is not None:
-            yield 0, self.matrix
-            return
-        for start in range(0, len(self.pool), _BLOCK_ROWS):
-            yield start, self.take(np.arange(start, min(start + _BLOCK_ROWS, len(self.pool))))
-
-    def scores(self, queries: np.ndarray) -> np.ndarray:
-        """``queries @ pool.T`` as float32 (len(queries), len(pool))."""
-        if self.matrix is not None:
-            return queries @ self.matrix.T
-        out = np.empty((len(queries), len(self.pool)), dtype=np.float32)
-        for start, block in self.blocks():
-            np.matmul(queries, block.T, out=out[:, start : start + len(block)])
-        return out
+def build_index(image_emb: np.ndarray, pool_rows: np.ndarray, params: MiningParams) -> faiss.Index:
+    """The approximate FAISS index ``select_negatives`` would build for ``params.index`` over
+    ``image_emb[np.sort(pool_rows)]``: build it once and pass it as ``index=`` (or keep it with
+    ``faiss.write_index``) to mine many sentence sets. ``image_emb`` may be memory-mapped (float16 or
+    float32): it is read in blocks."""
+    if params.index == "flat":
+        raise ValueError("index 'flat' is the exact search: it has no FAISS index to build")
+    image = unit_rows(image_emb, "image_emb", in_ram=False)
+    pool = np.unique(_rows(pool_rows, len(image), "pool_rows"))
+    return approximate_index(PoolVectors(image, pool), params.index, params.mode, params.seed)
 
 
 def _rows(rows: np.ndarray, n: int, name: str) -> np.ndarray:
@@ -437,12 +249,6 @@ def _float32(rows: np.ndarray) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
 
 
-def _sample(rng: np.random.Generator, population: np.ndarray, size: int) -> np.ndarray:
-    if len(population) <= size:
-        return population
-    return np.sort(rng.choice(population, size=size, replace=False))
-
-
 def _dropped_share(params: MiningParams, tau: float, text, own_rows, image, pool) -> float:
     """The share of the pool the filter drops for a typical sentence: 1 - q/100 for a percentile tau,
     else estimated on a seeded sample of 256 anchors x 4096 pool images."""
@@ -451,76 +257,10 @@ def _dropped_share(params: MiningParams, tau: float, text, own_rows, image, pool
         return 1.0 - q / 100.0
     rng = np.random.default_rng(params.seed)
     if params.mode == "i2i":
-        anchors = _float32(image[_sample(rng, np.unique(own_rows), 256)])
+        anchors = _float32(image[sample(rng, np.unique(own_rows), 256)])
     else:
-        anchors = text[_sample(rng, np.arange(len(text)), 256)]
-    return float(np.mean(anchors @ _float32(image[_sample(rng, pool, 4096)]).T > tau))
-
-
-def build_index(image_emb: np.ndarray, pool_rows: np.ndarray, params: MiningParams) -> faiss.Index:
-    """The approximate FAISS index ``select_negatives`` would build for ``params.index`` over
-    ``image_emb[np.sort(pool_rows)]``: build it once and pass it as ``index=`` (or keep it with
-    ``faiss.write_index``) to mine many sentence sets. ``image_emb`` may be memory-mapped (float16 or
-    float32): it is read in blocks."""
-    if params.index == "flat":
-        raise ValueError("index 'flat' is the exact search: it has no FAISS index to build")
-    image = _unit_rows(image_emb, "image_emb", in_ram=False)
-    pool = np.unique(_rows(pool_rows, len(image), "pool_rows"))
-    return _approximate_index(_PoolVectors(image, pool), params)
-
-
-def _approximate_index(pool: _PoolVectors, params: MiningParams) -> faiss.Index:
-    """An IVF, IVF-PQ or HNSW inner-product index over the pool, for pools far larger than COCO.
-
-    IVF and IVF-PQ: sqrt(n) lists, trained on a seeded sample of the pool (40 points a list, at least
-    10k) so that training stays minutes at 100M images, an eighth of the lists probed (at least 32).
-    IVF-PQ's codes: one byte per 8 dimensions (64 bytes for 512-d; fewer bits on small pools).
-    Vectors are added a block at a time, so a memory-mapped pool is never read whole. With faiss-gpu,
-    t2i indexes live on the GPUs; i2i ones stay on CPU (see ``_RuleSearch``).
-    """
-    n, d = len(pool), pool.dim
-    if params.index == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-    else:
-        quantizer = faiss.IndexFlatIP(d)
-        nlist = int(np.clip(math.sqrt(n), 1, max(1, n // 39)))
-        if params.index == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            bits = int(np.clip(math.log2(max(n, 2) / 39), 1, 8))  # k-means wants 39 points a centroid
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, _subquantizers(d), bits, faiss.METRIC_INNER_PRODUCT)
-            index.pq.cp.seed = params.seed
-        index.cp.seed = params.seed
-        if params.mode == "t2i":  # i2i searches need range search and ID selectors: FAISS has them on CPU only
-            index = _on_gpus(index)
-        index.train(pool.take(_sample(np.random.default_rng(params.seed), np.arange(n), max(40 * nlist, 10_000))))
-    for _, block in pool.blocks():
-        index.add(block)
-    if params.index != "hnsw":
-        space = faiss.ParameterSpace() if _is_cpu(index) else faiss.GpuParameterSpace()
-        space.set_index_parameter(index, "nprobe", min(nlist, max(32, nlist // 8)))
-    return index
-
-
-def _subquantizers(d: int) -> int:
-    """PQ sub-quantizers: the most that divide ``d`` with at least 8 dimensions each (64 for 512-d)."""
-    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
-
-
-def _on_gpus(index: faiss.Index) -> faiss.Index:
-    """A copy of ``index`` on every GPU faiss-gpu sees (IVF-PQ lookup tables in fp16, which 64
-    sub-quantizers need); ``index`` itself without faiss-gpu or GPUs."""
-    if not hasattr(faiss, "GpuMultipleClonerOptions") or faiss.get_num_gpus() == 0:
-        return index
-    options = faiss.GpuMultipleClonerOptions()
-    options.useFloat16 = True
-    _LOG.info("FAISS index on %d GPU(s)", faiss.get_num_gpus())
-    return faiss.index_cpu_to_all_gpus(index, co=options)
-
-
-def _is_cpu(index: faiss.Index) -> bool:
-    return not type(index).__name__.startswith(("Gpu", "IndexShards", "IndexReplicas"))
+        anchors = text[sample(rng, np.arange(len(text)), 256)]
+    return float(np.mean(anchors @ _float32(image[sample(rng, pool, 4096)]).T > tau))
 
 
 class _RuleSearch:
@@ -559,7 +299,7 @@ class _RuleSearch:
         self.first_depth = 4 * self.k + 16
         self.rescore = params.index == "ivfpq"  # PQ scores are approximate (GPU ones too: see search)
         self.dropped_share = 0.0 if params.index == "flat" else _dropped_share(params, tau, text, own_rows, image, pool)
-        self.pool_vectors = _PoolVectors(image, pool)  # pool: sorted
+        self.pool_vectors = PoolVectors(image, pool)  # pool: sorted
         position = np.full(len(image), -1, dtype=np.int64)
         position[pool] = np.arange(len(pool))
         self.own_pos = position[own_rows]  # -1: the own image is outside the pool
@@ -578,19 +318,17 @@ class _RuleSearch:
     def search(self, index: faiss.Index, sentences: np.ndarray, threads: int) -> np.ndarray:
         """Decide the sentences whose lists from ``index`` hold ``top_k`` survivors; return the others."""
         todo = sentences[np.argsort(self.own_rows[sentences], kind="stable")]  # same image together
-        if self.mode == "i2i" and _is_cpu(index):
+        if self.mode == "i2i" and is_cpu(index):
             return self._search_outside_drops(index, todo, threads)
         depths = (self.first_depth, max(self.widen * self.first_depth, self.k + math.ceil(2 * self.dropped_share * len(self.pool))))
         if self.rescore:  # one pass, deep enough from the start: see the class docstring
             depths = (4 * depths[1],)
-        on_gpu = not _is_cpu(index)
         for depth in depths:
-            depth = min(depth, index.ntotal, 2048 if on_gpu else index.ntotal)  # FAISS GPU's largest k
             if not todo.size:
                 break
+            depth = list_depth(index, depth)
             _LOG.info("%s: top-%d lists for %d sentences", type(index).__name__, depth, len(todo))
-            if isinstance(index, faiss.IndexHNSW):
-                index.hnsw.efSearch = max(64, 2 * depth)
+            set_depth(index, depth)
             batch = max(1, self.batch_entries // depth)
             todo = np.concatenate([self._lists(index, todo[s : s + batch], depth) for s in range(0, len(todo), batch)])
         return todo
@@ -602,17 +340,16 @@ class _RuleSearch:
         a few sentences: too few to share out)."""
         images, first = np.unique(self.own_rows[todo], return_index=True)
         groups = np.split(todo, first[1:])
-        depths = [min(d, index.ntotal) for d in (self.first_depth, self.widen * self.first_depth)]
+        length = self.first_depth
         if self.rescore:  # about 2.5% of the pool, from 16 to pq_depth times first_depth (class docstring)
             length = int(np.clip(len(self.pool) // 40, 16 * self.first_depth, self.pq_depth * self.first_depth))
-            depths = [min(length, index.ntotal), min(self.widen * length, index.ntotal)]
+        depths = [list_depth(index, d) for d in (length, self.widen * length)]
         _LOG.info("%s: %d own images' drops excluded from top-%d lists of %d sentences",
                   type(index).__name__, len(images), depths[0], len(todo))
         # range searches of about a million results at a time (12 bytes each)
         batch = max(1, min(256, int(2**20 // max(1.0, 2 * self.dropped_share * len(self.pool)))))
         starts = range(0, len(images), batch)
-        hnsw = isinstance(index, faiss.IndexHNSW)
-        nprobe = None if hnsw else faiss.extract_index_ivf(index).nprobe  # search parameters replace the index's
+        parameters = selector_parameters(index)
 
         def search_batch(start: int) -> list[np.ndarray]:
             faiss.omp_set_num_threads(1)  # this thread's OpenMP setting
@@ -627,11 +364,7 @@ class _RuleSearch:
                 excluded = faiss.IDSelectorBatch(drops)
                 allowed = faiss.IDSelectorNot(excluded)  # holds ``excluded``'s address: both live until the end
                 for depth in depths:
-                    if hnsw:
-                        params = faiss.SearchParametersHNSW(sel=allowed, efSearch=max(64, 2 * depth))
-                    else:
-                        params = faiss.SearchParametersIVF(sel=allowed, nprobe=nprobe)
-                    sent = self._lists(index, sent, depth, params)
+                    sent = self._lists(index, sent, depth, parameters(allowed, depth))
                     if not sent.size:
                         break
                 short.append(sent)
@@ -643,7 +376,7 @@ class _RuleSearch:
 
     def _lists(self, index: faiss.Index, sent: np.ndarray, depth: int, params=None) -> np.ndarray:
         score, pos = index.search(self.text[sent], depth, params=params)
-        if self.rescore or not _is_cpu(index):
+        if self.rescore or not is_cpu(index):
             score, pos = self._rescored(sent, pos)
         valid = (pos >= 0) & (pos != self.own_pos[sent, None])
         keep = valid & ~self._dropped_along(sent, score, pos, valid)
