@@ -271,23 +271,21 @@ def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
         where = f"{instances.path}: annotation {ann_id} (image {image_id})"
         try:
             category_id = _int_field(ann, "category_id", where)
-            objects.append(
-                {
-                    "ann_id": ann_id,
-                    "category_id": category_id,
-                    "category": instances.categories.get(category_id, ""),
-                    "supercategory": instances.supercategories.get(category_id, ""),
-                    "bbox": check_bbox(ann.get("bbox"), where),
-                    "area": float(ann.get("area", 0.0)),
-                    "iscrowd": bool(ann.get("iscrowd", 0)),
-                    # an instance no ref names may rasterise to nothing (a sliver of a polygon): kept, not an error
-                    "mask": segmentation_to_rle(ann["segmentation"], image["height"], image["width"], where, allow_empty=True),
-                }
-            )
+            obj = {
+                "ann_id": ann_id,
+                "category_id": category_id,
+                "category": instances.categories.get(category_id, ""),
+                "supercategory": instances.supercategories.get(category_id, ""),
+                "bbox": check_bbox(ann.get("bbox"), where),
+                "area": float(ann.get("area", 0.0)),
+                "iscrowd": bool(ann.get("iscrowd", 0)),
+            }
+            with _as_refer_error():
+                # an instance no ref names may rasterise to nothing (a sliver of a polygon): kept, not an error
+                obj["mask"] = segmentation_to_rle(ann["segmentation"], image["height"], image["width"], where, allow_empty=True)
+            objects.append(obj)
         except ReferFormatError:
             raise
-        except MaskFormatError as err:
-            raise ReferFormatError(str(err)) from None
         except (KeyError, TypeError, ValueError) as err:
             raise ReferFormatError(f"{where}: {type(err).__name__}: {err}") from None
     return objects
