@@ -190,10 +190,14 @@ def test_maskris_repr_validation_and_seeded_epoch_draws(wordpiece):
     maskris = nemo_hf.MaskRIS(patch_size=16, seed=3)
     assert repr(maskris) == (
         "MaskRIS(patch_size=16, image_ratio=0.75, text_ratio=0.15, mask_fraction=0.8, random_fraction=0.1, "
-        "clean_weight=0.5, backward='per_pass', seed=3, epoch=0)"
+        "clean_weight=0.5, backward='per_pass', seed=3, class_weights=(0.9, 1.1), distil_at='logits', epoch=0)"
     )
+    assert maskris.dcl_options() == {"clean_weight": 0.5, "class_weights": (0.9, 1.1), "distil_at": "logits"}
+    assert MaskRIS(class_weights=None, distil_at="labels").dcl_options()["class_weights"] is None
     for bad in (dict(patch_size=0), dict(image_ratio=-0.1), dict(text_ratio=2), dict(clean_weight=1.5),
-                dict(mask_fraction=0.9, random_fraction=0.2), dict(backward="twice")):  # fmt: skip
+                dict(mask_fraction=0.9, random_fraction=0.2), dict(backward="twice"), dict(class_weights=(1.0,)),
+                dict(class_weights=(0.9, float("nan"))), dict(class_weights="ab"), dict(class_weights=0.9),
+                dict(distil_at="decoder")):  # fmt: skip
         with pytest.raises(ValueError):
             MaskRIS(**bad)
     batch = dict(wordpiece(sentences(8, seed=4), padding=True, return_tensors="pt"))
@@ -220,22 +224,26 @@ def bce(logits, target):
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 6), (2, 1, 5, 6)])
-def test_dcl_loss_binary_against_hand_computation_and_stop_gradient(shape):
+def test_dcl_loss_unweighted_at_label_size_is_bce_and_stops_gradient(shape):
+    """class_weights=None, distil_at="labels" (nemo_hf's rule before the official one became the default):
+    binary logits as (0, z) make both terms plain BCE, the masked one against sigmoid(clean)."""
     gen = torch.Generator().manual_seed(0)
     clean = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     masked = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = (torch.rand(shape, generator=gen) < 0.4).double()
-    loss = dcl_loss(clean, masked, labels, clean_weight=0.3)
-    expected = 0.3 * bce(clean, labels) + 0.7 * bce(masked, torch.sigmoid(clean.detach()))
+    labels = labels[:, 0] if labels.ndim == 4 else labels
+    loss = dcl_loss(clean, masked, labels, clean_weight=0.3, class_weights=None, distil_at="labels")
+    z_clean, z_masked = (t[:, 0] if t.ndim == 4 else t for t in (clean, masked))
+    expected = 0.3 * bce(z_clean, labels) + 0.7 * bce(z_masked, torch.sigmoid(z_clean.detach()))
     torch.testing.assert_close(loss, expected)
     loss.backward()
-    clean_alone = torch.autograd.grad(bce(clean, labels), clean)[0]
+    clean_alone = torch.autograd.grad(bce(z_clean, labels), clean)[0]
     torch.testing.assert_close(clean.grad, 0.3 * clean_alone)  # nothing through the target
-    masked_alone = torch.autograd.grad(bce(masked, torch.sigmoid(clean.detach())), masked)[0]
+    masked_alone = torch.autograd.grad(bce(z_masked, torch.sigmoid(z_clean.detach())), masked)[0]
     torch.testing.assert_close(masked.grad, 0.7 * masked_alone)
 
 
-def test_dcl_loss_class_logits_against_hand_computation_and_stop_gradient():
+def test_dcl_loss_class_logits_unweighted_against_hand_computation_and_stop_gradient():
     gen = torch.Generator().manual_seed(1)
     clean = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     masked = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -248,15 +256,25 @@ def test_dcl_loss_class_logits_against_hand_computation_and_stop_gradient():
     def soft_ce(logits, target_logits):
         return -(target_logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
-    clean_term, masked_term = dcl_terms(clean, masked, labels)
+    clean_term, masked_term = dcl_terms(clean, masked, labels, class_weights=None)
     torch.testing.assert_close(clean_term, ce(clean))
     torch.testing.assert_close(masked_term, soft_ce(masked, clean.detach()))
-    dcl_loss(clean, masked, labels).backward()
+    dcl_loss(clean, masked, labels, class_weights=None).backward()
     torch.testing.assert_close(clean.grad, 0.5 * torch.autograd.grad(ce(clean), clean)[0])
+
+
+def test_dcl_refuses_labels_that_are_not_class_indices():
+    clean = torch.zeros(2, 3, 4, 5)
     with pytest.raises(ValueError, match="class indices"):
-        dcl_loss(clean, masked, labels[:, :3])
-    with pytest.raises(ValueError, match="resize the logits"):
-        dcl_loss(clean[:, 0], masked[:, 0], labels[:, :3].double())
+        dcl_loss(clean, clean, torch.zeros(2, 4))  # no batch of masks
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*found 3"):
+        dcl_loss(clean, clean, torch.full((2, 4, 5), 3))
+    with pytest.raises(ValueError, match="found 0.5"):
+        dcl_loss(clean[:, 0], clean[:, 0], torch.full((2, 4, 5), 0.5))  # a soft label is not truncated silently
+    with pytest.raises(ValueError, match="2 class weights for logits of 3 classes"):
+        dcl_loss(clean, clean, torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="distil_at"):
+        dcl_loss(clean, clean, torch.zeros(2, 4, 5), class_weights=None, distil_at="decoder")
 
 
 # ---------------------------------------------------------------- collator

@@ -125,3 +125,39 @@ def test_grid3_geometry_and_spatial_words():
         NeMoMosaic({}, grid=4)
     with pytest.raises(ValueError, match="at least 3 for a 3x3"):
         grid_cells(2, 3)
+
+
+def test_grid_mix_gives_2x2_and_3x3_about_half_each_and_fixed_grids_draw_as_before():
+    """snuviplab/NeMo dataloader.py:329-330 (``mix_grid``): after the warm-up every random or retrieval mosaic
+    is 4 or 9 tiles, ``np.random.choice([4, 9], p=[0.5, 0.5])``; during it (lines 314-315) the random
+    mosaics split the same way. Single stays one tile."""
+    colours = {i: tuple(int(v) for v in np.random.default_rng(i).integers(20, 235, 3)) for i in range(1, 12)}
+    images = {i: encode(Image.new("RGB", (40 + 3 * i, 50), colours[i])) for i in colours}
+    mask = np.zeros((50, 43), np.uint8)
+    mask[10:20, 10:30] = 1
+    mix = NeMoMosaic(images, output_size=60, p={"random": 0.8, "single": 0.2}, pool=list(range(2, 12)),
+                     grid="mix", return_arrays=True)
+    assert "grid='mix'" in repr(mix)
+    counts = {1: 0, 4: 0, 9: 0}
+    for ref_id in range(1000):
+        out = render_one(mix, ref_row(ref_id, 1, mask))
+        n = len(out["tile_image_ids"])
+        counts[n] += 1
+        if n > 1:
+            side = int(n**0.5)
+            x, y, w, h = grid_cells(60, side)[out["target_quadrant"]]
+            assert out["mask"][y : y + h, x : x + w].sum() == out["mask"].sum() > 0  # the mask sits in its cell
+    mosaics = counts[4] + counts[9]
+    assert abs(counts[1] - 200) < 45 and abs(counts[4] / mosaics - 0.5) < 0.06  # binomial: 4 sigma
+    # a fixed grid draws nothing for the grid: its samples are those it gave before "mix" existed
+    # (pinned with the code before "mix", commit 3616a8f)
+    before = {2: [(0, [1, 10, 7, 8]), (0, [1, 2, 10, 7])],
+              3: [(1, [10, 1, 7, 8, 4, 5, 6, 9, 3]), (2, [2, 10, 1, 7, 9, 3, 6, 8, 4])]}  # fmt: skip
+    for grid, expected in before.items():
+        fixed = NeMoMosaic(images, output_size=60, p={"random": 1.0}, pool=list(range(2, 12)), grid=grid,
+                           return_arrays=True)
+        outs = [render_one(fixed, ref_row(ref_id, 1, mask)) for ref_id in (5, 6)]
+        assert [(o["target_quadrant"], o["tile_image_ids"]) for o in outs] == expected
+    for bad in (4, 2.0, True, "3x3"):
+        with pytest.raises(ValueError, match="grid must be one of"):
+            NeMoMosaic(images, pool=[2], grid=bad)

@@ -45,7 +45,7 @@ class RISTrainer(Trainer):
       predictions in `nemo_hf.evaluation.predictions`' format, for `nemo-hf eval` (one file per process, the rank
       inserted before the suffix, when there are several).
     - ``maskris=MaskRIS(...)``: each training step runs MaskRIS's two passes and optimises the DCL loss
-      (:func:`~nemo_hf.transforms.maskris.dcl_two_pass`); the default collator gets the same object, whose epoch
+      (:func:`~nemo_hf.training.dcl.dcl_two_pass`, the official criterion by default); the default collator gets the same object, whose epoch
       is set at each epoch begin; logs add ``loss_clean`` and ``loss_masked`` (unweighted terms).
     """
 
@@ -124,7 +124,7 @@ class RISTrainer(Trainer):
         division by the accumulation steps applies (``num_items_in_batch`` is not used); the clean
         term's early backward (``backward="per_pass"``) is divided the same way here."""
         backward = self._backward_clean_pass if self.maskris.backward == "per_pass" else None
-        loss, clean, masked = dcl_two_pass(model, inputs, self.maskris.clean_weight, backward)
+        loss, clean, masked = dcl_two_pass(model, inputs, backward_clean=backward, **self.maskris.dcl_options())
         self._dcl_log.add(clean, masked)
         return (loss, None) if return_outputs else loss
 

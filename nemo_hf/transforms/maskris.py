@@ -27,6 +27,8 @@ import torch
 MASK_STAND_IN = "*"
 MASKED_KEYS = ("masked_pixels", "input_ids_masked")  # what MaskRIS adds to a collated batch
 BACKWARD_STRATEGIES = ("per_pass", "combined")
+OFFICIAL_CLASS_WEIGHTS = (0.9, 1.1)  # background, foreground: naver-ai/maskris criterion.py:8
+DISTIL_AT = ("logits", "labels")  # where DCL's masked term is computed: the official decoder resolution, or the labels'
 
 
 def mask_image_patches(
@@ -156,9 +158,26 @@ def _check_text(ratio, mask_fraction, random_fraction) -> None:
         )
 
 
+def _check_class_weights(class_weights) -> tuple[float, ...] | None:
+    if class_weights is None:
+        return None
+    try:
+        weights = tuple(float(w) for w in class_weights if not isinstance(w, (bool, str)))
+    except TypeError:
+        weights = ()
+    if len(weights) < 2 or len(weights) != len(class_weights) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(
+            f"class_weights must be None or one finite weight >= 0 per class (background, foreground, ...), "
+            f"got {class_weights!r}"
+        )
+    return weights
+
+
 class MaskRIS:
     """MaskRIS's parameters and its draws; defaults from the paper (patch 32, image ratio 0.75, text 0.15
-    with 80/10/10, DCL 0.5 clean + 0.5 masked).
+    with 80/10/10, DCL 0.5 clean + 0.5 masked) and the official code's (``class_weights`` (0.9, 1.1) for
+    background and foreground, ``None`` for unweighted; ``distil_at="logits"``: the masked term at the
+    decoder's resolution, ``"labels"`` at the labels'; see `nemo_hf.training.dcl`).
 
     ``backward``: ``"per_pass"`` (the official loop: backward after each pass, so the two passes never hold
     activations together) or ``"combined"`` (one backward of the summed loss). ``set_epoch`` changes the
@@ -175,6 +194,8 @@ class MaskRIS:
         clean_weight: float = 0.5,
         backward: str = "per_pass",
         seed: int = 0,
+        class_weights: Sequence[float] | None = OFFICIAL_CLASS_WEIGHTS,
+        distil_at: str = "logits",
     ):
         _check_patch(patch_size, image_ratio)
         _check_text(text_ratio, mask_fraction, random_fraction)
@@ -189,6 +210,10 @@ class MaskRIS:
         self.random_fraction = float(random_fraction)
         self.clean_weight = float(clean_weight)
         self.backward = backward
+        self.class_weights = _check_class_weights(class_weights)
+        if distil_at not in DISTIL_AT:
+            raise ValueError(f"distil_at must be one of {DISTIL_AT}, got {distil_at!r}")
+        self.distil_at = distil_at
         self.seed = int(seed)
         self.epoch = 0
         self._unkeyed_batches = 0
@@ -197,8 +222,13 @@ class MaskRIS:
         return (
             f"MaskRIS(patch_size={self.patch_size}, image_ratio={self.image_ratio}, text_ratio={self.text_ratio}, "
             f"mask_fraction={self.mask_fraction}, random_fraction={self.random_fraction}, "
-            f"clean_weight={self.clean_weight}, backward={self.backward!r}, seed={self.seed}, epoch={self.epoch})"
+            f"clean_weight={self.clean_weight}, backward={self.backward!r}, seed={self.seed}, "
+            f"class_weights={self.class_weights}, distil_at={self.distil_at!r}, epoch={self.epoch})"
         )
+
+    def dcl_options(self) -> dict:
+        """The keyword arguments of ``dcl_two_pass`` / ``dcl_loss`` for this MaskRIS's loss."""
+        return {"clean_weight": self.clean_weight, "class_weights": self.class_weights, "distil_at": self.distil_at}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

@@ -26,14 +26,14 @@ from .. import schema
 from ..masks import encode_rle
 from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
 from .images import DECODE_ERRORS, OBJECTS_COLUMN, EncodedImage, ImageTable
-from .sampling import Warmup, draw_cell, draw_mode, draw_negatives, draw_sentence, normalise_p
+from .sampling import Warmup, draw_cell, draw_grid, draw_mode, draw_negatives, draw_sentence, normalise_p
 
 OUTPUT_COLUMNS = (
     "image", "mask", "bbox", "sentence", "sent_id", "ref_id",
     "target_quadrant", "tile_image_ids", "mode", "notes",
 )  # fmt: skip
 EVAL_COLUMNS = OUTPUT_COLUMNS + ("orig_size", "content_box", "orig_mask")
-GRIDS = (2, 3)
+GRIDS = (2, 3, "mix")
 OBJECT_MASKS = ("array", "rle")
 # Mean ImageNet colour: letterbox padding becomes ~0 after the usual normalisation.
 DEFAULT_FILL = (124, 116, 104)
@@ -196,8 +196,9 @@ def _columns(outputs: list[dict], names: Sequence[str]) -> dict[str, list]:
 
 
 class NeMoMosaic(_Renderer):
-    """Training transform: a 2x2 mosaic of the target and three negatives (``grid=3``: 3x3 and eight,
-    the official loader's option), drawn afresh per sample.
+    """Training transform: a 2x2 mosaic of the target and three negatives (``grid=3``: 3x3 and eight;
+    ``grid="mix"``: 2x2 or 3x3 with probability 1/2 each per mosaic, the official loader's ``mix_grid``),
+    drawn afresh per sample.
 
     Per sample a mode is drawn with probabilities ``p`` (after the optional ``schedule`` warm-up):
     ``single`` (the target alone, resized to the output), ``random`` (negatives from the config's
@@ -232,17 +233,17 @@ class NeMoMosaic(_Renderer):
         sentence_key: str = "sent",
         fill: tuple[int, int, int] = DEFAULT_FILL,
         resample: str = "bilinear",
-        grid: int = 2,
+        grid: int | str = 2,
         return_objects: bool = False,
         object_masks: str = "array",
     ):
-        if grid not in GRIDS:
+        if grid != "mix" and not (_is_int(grid) and grid in GRIDS):
             raise ValueError(f"grid must be one of {GRIDS} (tiles per side), got {grid!r}")
         super().__init__(
             images, output_size, tile, return_arrays, fill, resample, pool=pool, config=config,
             return_objects=return_objects, object_masks=object_masks,
         )  # fmt: skip
-        grid_cells(self.output_size, grid)  # validates the size
+        grid_cells(self.output_size, 3 if grid == "mix" else grid)  # validates the size
         self.grid = grid
         self.p = normalise_p(p if p is not None else {"single": 0.5, "retrieval": 0.5})
         if schedule is not None and not 0.0 <= schedule.p_random <= 1.0:
@@ -264,7 +265,7 @@ class NeMoMosaic(_Renderer):
         return (
             f"NeMoMosaic(images={self.images!r}, output_size={self.output_size}, p={p}, schedule={self.schedule}, "
             f"tile={self.tile!r}, spatial_words={self.spatial_words}, seed={self.seed}, epoch={self.epoch}, "
-            f"config={self.images.config!r}, return_arrays={self.return_arrays}, grid={self.grid}, "
+            f"config={self.images.config!r}, return_arrays={self.return_arrays}, grid={self.grid!r}, "
             f"return_objects={self.return_objects})"
         )
 
@@ -289,8 +290,9 @@ class NeMoMosaic(_Renderer):
             return self._single(row, source, sentence, sent_id, notes)
 
         spatial = row["sentences"][index] if (self.spatial_words and index is not None) else None
-        quadrant = draw_cell(rng, spatial, self.grid)
-        cells = grid_cells(self.output_size, self.grid)
+        grid = draw_grid(rng, self.grid)
+        quadrant = draw_cell(rng, spatial, grid)
+        cells = grid_cells(self.output_size, grid)
         canvas, mask = self._new_canvas()
         placement, box = self._paint_target(row, source, cells[quadrant], canvas, mask, notes)
         negative_cells = [cell for i, cell in enumerate(cells) if i != quadrant]

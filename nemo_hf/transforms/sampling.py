@@ -2,7 +2,7 @@
 
 All the draws of a sample come from one generator seeded by (seed, epoch, ref_id), so a sample is the
 same whatever the DataLoader workers and changes every epoch. `NeMoMosaic` makes them in this order:
-`draw_sentence`, `draw_mode`, `draw_cell`, `draw_negatives`; another order would give other samples.
+`draw_sentence`, `draw_mode`, `draw_grid`, `draw_cell`, `draw_negatives`; another order would give other samples.
 """
 
 from __future__ import annotations
@@ -113,6 +113,15 @@ def draw_mode(rng: np.random.Generator, p: Mapping[str, float]) -> str:
         if u < 0:
             return mode
     return [mode for mode in MODES if p[mode] > 0][-1]  # u within rounding of 1
+
+
+def draw_grid(rng: np.random.Generator, grid: int | str) -> int:
+    """Tiles per side of one mosaic: ``grid`` itself, or for ``"mix"`` 2 or 3 with probability 1/2 each, as
+    the official ``mix_grid`` (snuviplab/NeMo dataloader.py:314-315, 329-330). Draws nothing for a fixed grid,
+    so fixed-grid samples are those of earlier versions."""
+    if grid != "mix":
+        return grid
+    return 2 if rng.random() < 0.5 else 3
 
 
 def draw_cell(rng: np.random.Generator, sentence: Mapping | None, grid: int) -> int:
