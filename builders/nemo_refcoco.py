@@ -9,6 +9,7 @@ cache hit never lists the source's files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
         model, model_revision, tau, top_k, mode, index: the mining settings (see ``nemo_hf.mining.negatives.MiningParams``).
         embed_cache_dir: where embeddings are cached between runs (default under the HF datasets cache).
         embed_batch_size: images or sentences per model forward.
+        skip_broken_eval_images: build without the val/test refs whose image cannot be used (missing, or
+            not decodable by PIL) instead of stopping; ``skipped`` lists them.
         ``model="demo-random"`` mines with a randomly initialised CLIP: for the offline demo only.
     """
 
@@ -53,6 +56,7 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
     index: str = "flat"
     embed_cache_dir: str | None = None
     embed_batch_size: int = 64
+    skip_broken_eval_images: bool = False
 
     @property
     def source_root(self) -> str:
@@ -66,28 +70,50 @@ class NemoRefcocoConfig(datasets.BuilderConfig):
         return root
 
     def create_config_id(self, config_kwargs: dict, custom_features=None) -> str:
-        # The annotation files' size and mtime join the cache key (a few stat calls, no listing),
-        # so a changed source is rebuilt while a cache hit stays instant.
+        # The annotation files' size, mtime and ctime join the cache key (a few stat calls, no listing),
+        # so a changed source is rebuilt while a cache hit stays instant. The images config stores the
+        # image files' bytes, so its key also covers every file of the image folder (a listing).
         config_kwargs = dict(config_kwargs)
         root = self.source or self.data_dir
         if root:
             cfgs = [REFS_CONFIGS[self.name]] if self.name in REFS_CONFIGS else REFS_CONFIGS.values()
             paths = [p for cfg in cfgs for p in (refer.refs_path(root, cfg), refer.instances_path(root, cfg))]
             config_kwargs["source_stamp"] = ",".join(
-                f"{st.st_size}:{st.st_mtime_ns}" for st in (p.stat() for p in paths if p.is_file())
+                f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}" for st in (p.stat() for p in paths if p.is_file())
             )
+            if self.name == IMAGES_CONFIG:
+                config_kwargs["images_stamp"] = _folder_stamp(Path(self.image_dir or refer.default_image_dir(root)))
         if self.mine and self.name in REFS_CONFIGS:
             config_kwargs["model_stamp"] = _model_stamp(self.model, self.model_revision)
         config_kwargs["nemo_hf_version"] = __version__
         return super().create_config_id(config_kwargs, custom_features=custom_features)
 
 
+def _folder_stamp(folder: Path) -> str:
+    """A digest of each file in ``folder`` by name, size, modification and change time: a file replaced
+    (even by one of the same size with its mtime put back: the change time moves), added or removed
+    changes it, without reading any file."""
+    digest = hashlib.sha256()
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as err:
+        return f"unreadable ({err.strerror})"  # building will name the folder
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:
+            continue  # a dangling link: the build names the image that needs it
+        digest.update(f"{entry.name}\0{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode(errors="surrogateescape"))
+    return digest.hexdigest()
+
+
 def _model_stamp(model: str, revision: str | None) -> str:
-    """Cheap evidence of which weights ``model`` names now: size and mtime of a local checkpoint's files,
+    """Cheap evidence of which weights ``model`` names now: size, mtime and ctime of a local checkpoint's files,
     or the commit the HF cache resolves a hub id to. New weights under the same name are a new cache entry."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(path.iterdir()) if f.is_file())
+        return ",".join(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+                        for f in sorted(path.iterdir()) if f.is_file() for st in (f.stat(),))
     from huggingface_hub import try_to_load_from_cache
 
     try:
@@ -109,8 +135,11 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         source = open_source(self.config.source_root, self.config.image_dir)
+        source.forget_changed_images()  # a cache miss may follow a replaced image (the cache key covers it)
         if self.config.name == IMAGES_CONFIG:
             return [datasets.SplitGenerator(name=TRAIN_SPLIT, gen_kwargs={"source": source})]
+        if not self.config.skip_broken_eval_images:
+            source.require_complete_eval([self.config.name])
         rows, self.skipped = source.rows(self.config.name)
         with progress.stage("read", sum(map(len, rows.values()))) as bar:
             bar.update(sum(map(len, rows.values())))
@@ -181,6 +210,8 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         own_and_pool = {row["image_id"] for row in train_rows} | set(pool)
         return {
             "image_files": {i: source.image_path(images[i]["file_name"]) for i in sorted(own_and_pool)},
+            # the embedder checks each decoded image against these: a file replaced since it was checked is caught
+            "image_sizes": {i: (int(images[i]["width"]), int(images[i]["height"])) for i in own_and_pool},
             "pool_image_ids": pool,
             "embedder": embedder,
             "params": params,
@@ -205,18 +236,27 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
         )
         if not configs:
             raise ReferFormatError(f"{source.root}: no refs files found, so there are no images to build")
+        declared = source.declared_images(configs)  # one size per image across the configs, or an error
         images: dict[int, dict] = {}
         holders: dict[int, dict[Path, refer.Instances]] = {}  # the instances files that hold each image
         for config in configs:
             instances = source.instances(config)
             for split_rows in source.rows(config)[0].values():
                 for row in split_rows:
-                    images.setdefault(row["image_id"], instances.images[row["image_id"]])
+                    images.setdefault(row["image_id"], declared[row["image_id"]])
                     holders.setdefault(row["image_id"], {}).setdefault(instances.path, instances)
+        # what the build reports about the stored images (nemo_hf.json "images", the card)
+        self.image_notes = notes = {"decoded_with_warnings": [], "orientation_neutralised": []}
         pools = {config: set(source.training_pool(config)) for config in configs}
         bar = progress.stage("write", len(images))
         for image_id in sorted(images):
             image = images[image_id]
+            data, orientation = source.image_bytes(image)
+            warning = source.image_warning(image)
+            if warning:
+                notes["decoded_with_warnings"].append({"image_id": image_id, "file_name": image["file_name"], "warning": warning})
+            if orientation is not None:
+                notes["orientation_neutralised"].append({"image_id": image_id, "file_name": image["file_name"], "orientation": orientation})
             bar.update()
             yield image_id, {
                 "image_id": image_id,
@@ -224,7 +264,7 @@ class NemoRefcoco(datasets.GeneratorBasedBuilder):
                 "width": int(image["width"]),
                 "height": int(image["height"]),
                 "license": int(image.get("license", 0)),
-                "image": {"bytes": source.image_path(image["file_name"]).read_bytes(), "path": image["file_name"]},
+                "image": {"bytes": data, "path": image["file_name"]},
                 "negative_pool_of": [c for c in configs if image_id in pools[c]],
                 "objects": refer.image_objects(list(holders[image_id].values()), image_id),
             }

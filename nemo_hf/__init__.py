@@ -30,5 +30,6 @@ __getattr__, __all__ = lazy_exports(
         ".folder.push": ["push_folder"],
         ".source.synthetic": ["make_refer_source"],
     },
+    submodules={"florence2": ".training.florence2"},
 )
 __all__ = ["__version__", *__all__]

@@ -14,10 +14,9 @@ from nemo_hf_builders.nemo_refcoco import DEMO_MODEL
 
 from . import __version__
 from .mining.ranks import RankFailure
-from .schema import config_name
+from .schema import refs_config
 from .source.refer import ReferFormatError
 
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 DESCRIPTION = (
     "nemo-hf: build a hub-ready folder, inspect its negatives, preview mosaics, evaluate predictions, "
     "segment zero-shot (TAS), measure difficulty, push it to the Hub."
@@ -75,6 +74,28 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _FirstFew(logging.Filter):
+    """Lets through the first ``shown`` records of each repeated kind (``REPEATED``: one per image at COCO
+    scale) and counts the rest, which ``main`` then says in one line."""
+
+    REPEATED = ("skipping image",)
+
+    def __init__(self, shown: int = 5):
+        super().__init__()
+        self.shown, self.seen = shown, {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = next((k for k in self.REPEATED if str(record.msg).startswith(k)), None)
+        if kind is None:
+            return True
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        return self.seen[kind] <= self.shown
+
+    def summary(self) -> list[str]:
+        return [f"{n} '{kind} ...' warnings in all, the first {self.shown} shown above; the dataset card's summary "
+                "counts the refs they skipped" for kind, n in self.seen.items() if n > self.shown]
+
+
 def _configure_logging() -> None:
     """nemo_hf's own INFO lines, on a handler of the ``nemo_hf`` logger. No root handler: one would print
     FAISS's loader chatter and repeat every huggingface_hub warning (that library has its own handler)."""
@@ -82,25 +103,45 @@ def _configure_logging() -> None:
     if not any(getattr(h, "nemo_hf_cli", False) for h in package.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_FirstFew())
         handler.nemo_hf_cli = True
         package.addHandler(handler)
     package.setLevel(logging.INFO)
 
 
 def _configs(datasets: list[str], split_bys: list[str]) -> list[str]:
-    """``--dataset refcoco --split-by unc`` pairs (or config names, or ``all``) -> config names."""
+    """``--dataset refcoco --split-by unc`` pairs (or config names, or ``all``) -> config names, in any
+    usual spelling (``refcocoplus``, ``RefCOCO+``); a typo gets the closest name."""
     if "all" in datasets:
         return ["all"]
     if split_bys and len(split_bys) not in (1, len(datasets)):
         raise ValueError("give one --split-by for all datasets, or one per --dataset")
-    names = []
-    for i, dataset in enumerate(datasets):
-        if "_" in dataset:  # already a config name, e.g. refcocog_google
-            names.append(dataset)
-            continue
-        split_by = split_bys[i if len(split_bys) > 1 else 0] if split_bys else DEFAULT_SPLIT_BY.get(dataset, "")
-        names.append(config_name(dataset, split_by))
-    return names
+    return [
+        refs_config(dataset, split_bys[i if len(split_bys) > 1 else 0] if split_bys else None)
+        for i, dataset in enumerate(datasets)
+    ]
+
+
+def accelerate_ran_one_process() -> str | None:
+    """The warning for ``accelerate launch --num_processes N`` (N > 1) without ``--multi_gpu``: accelerate's
+    simple launcher then starts ONE process (no WORLD_SIZE), silently. Read from the launcher's command line."""
+    if not any(key.startswith("ACCELERATE_") for key in os.environ) or os.environ.get("WORLD_SIZE", "1") != "1":
+        return None  # not accelerate, or several processes (a bad WORLD_SIZE is the build's to name)
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux: nothing to read the launcher's arguments from
+        return None
+    if "launch" not in argv or {"--multi_gpu", "--multi-gpu"} & set(argv):
+        return None
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            if value.isdigit() and int(value) > 1:
+                return (f"accelerate launch {name} {value} without --multi_gpu started ONE process: this run works "
+                        "alone. Add --multi_gpu, or on CPUs use torchrun --standalone --nproc_per_node "
+                        f"{value} -m nemo_hf.cli ...")
+    return None
 
 
 def cmd_build(args) -> int:
@@ -117,51 +158,64 @@ def cmd_build(args) -> int:
         embed_batch_size=args.embed_batch_size,
     )
     configs = _configs(args.dataset or ["refcoco"], args.split_by or [])
-    demo = mining is not None and mining.model == DEMO_MODEL
+    one_process = accelerate_ran_one_process()
+    if one_process:
+        print(f"WARNING {one_process}", file=sys.stderr)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under a launcher, rank 0 speaks for the run
+    demo = main_rank and mining is not None and mining.model == DEMO_MODEL
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DEMO EMBEDDER")  # said once above, and again at the end
         if args.source is not None:
-            out = build_folder(args.source, args.out, configs, image_dir=args.image_dir, mining=mining)
+            out = build_folder(args.source, args.out, configs, image_dir=args.image_dir, mining=mining,
+                               skip_broken_eval_images=args.skip_broken_eval_images)
         else:
             from .source.synthetic import make_refer_source
 
-            print(f"no --source: building the embedded demo (a synthetic refer source of {args.demo_images} images)")
+            if main_rank:
+                print(f"no --source: building the embedded demo (a synthetic refer source of {args.demo_images} images)")
             with tempfile.TemporaryDirectory(prefix="nemo_hf_demo_") as tmp:
                 make_refer_source(tmp, n_images=args.demo_images, seed=args.seed)
                 out = build_folder(tmp, args.out, configs if args.dataset else ["all"], mining=mining)
-    if os.environ.get("RANK", "0") == "0":  # under a launcher, rank 0 wrote it
+    if main_rank:  # rank 0 wrote it
         print(f"wrote {out}\nload it with: datasets.load_dataset({str(out)!r}, name)  (configs: see {out}/README.md)")
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
     return 0
 
 
-def _load_split(folder: str, config: str, split: str = "train"):
-    from datasets import load_dataset
+def _load_split(folder: str, config: str, split: str = "train", image_ids=None):
+    """A split read in place from the shards the manifest names (never the `datasets` cache, never the card's paths)."""
+    from .folder.reading import read_split
 
-    return load_dataset(folder, config, split=split)
+    return read_split(folder, config, split, image_ids=image_ids)
 
 
 def cmd_stats(args) -> int:
     from .inspection.stats import folder_stats
 
     out = args.output or f"{args.config}_negatives.png"
-    print(folder_stats(args.folder, args.config, out, split=args.split, tau=args.tau, sample=args.sample, seed=args.seed))
+    print(folder_stats(args.folder, args.config, out, split=args.split, tau=args.tau, sample=args.sample, seed=args.seed,
+                       json_out=args.json))
     print(f"plot: {out}")
+    if args.json:
+        print(f"numbers: {args.json}")
     return 0
 
 
 def cmd_preview(args) -> int:
     from .folder.manifest import BuildReport
+    from .folder.reading import FolderImages
     from .inspection.preview import render_preview
 
     BuildReport.read(args.folder)  # a clear error for a refer source or any other folder
 
     refs = _load_split(args.folder, args.config, args.split)
-    grid = render_preview(refs, _load_split(args.folder, "images"), n=args.n, output_size=args.size,
-                          seed=args.seed, config=args.config, tile=args.tile)
+    images = FolderImages(args.folder)  # read a row group at a time: memory holds the images drawn
+    grid = render_preview(refs, images, n=args.n, output_size=args.size, seed=args.seed, config=args.config,
+                          tile=args.tile, p={args.mode: 1.0}, grid=int(args.grid) if args.grid.isdigit() else args.grid,
+                          pool=images.pool(args.config))
     grid.save(args.output)
     print(f"wrote {args.output}: {args.n} samples of {args.config}/{args.split}")
     return 0
@@ -179,8 +233,12 @@ def cmd_show(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .folder.push import push_folder
+    from .folder.push import plan_push, push_folder
 
+    if args.dry_run:
+        print(plan_push(args.folder, args.repo_id, include_images=not args.no_images,
+                        delete_remote_images=args.delete_remote_images).describe())
+        return 0
     url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private, include_images=not args.no_images,
                       delete_remote_images=args.delete_remote_images)
     print(f"pushed {args.folder} to {args.repo_id} in one commit: {url}")
@@ -190,28 +248,41 @@ def cmd_push(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .evaluation.report import format_report, plot_breakdowns
+    from .evaluation.report import format_report, format_split_table, plot_breakdowns
     from .evaluation.scoring import Expressions, evaluate_predictions, split_tables
-
-    refs, images = split_tables(args.folder, args.config, args.split)
-    expressions = Expressions.from_tables(refs, images, where=f"{args.folder} ({args.config}/{args.split})")
-    report = evaluate_predictions(
-        expressions, args.predictions, strict=args.strict, empty_iou=args.empty_iou, allow_missing=args.allow_missing
-    )
-    report = {"folder": str(args.folder), "config": args.config, "split": args.split, **report}
-    title = f"{args.config}/{args.split} ({args.predictions})"
     from .zeroshot.provenance import provenance_banner
 
-    banner = provenance_banner(args.predictions)  # zero-shot predictions made with the instances oracle
-    if banner:
-        report["oracle"] = banner
-        print(banner)
-    print(format_report(report, title))
+    splits = [split.strip() for split in args.split.split(",") if split.strip()]
+    if len(splits) > 1 and "{split}" not in args.predictions:
+        raise ValueError(f"--split {args.split}: give --predictions a {{split}} pattern, one file per split "
+                         "(e.g. preds_{split}.jsonl)")
+    reports = {}
+    for split in splits:
+        predictions = args.predictions.replace("{split}", split)
+        refs, images = split_tables(args.folder, args.config, split)
+        expressions = Expressions.from_tables(refs, images, where=f"{args.folder} ({args.config}/{split})")
+        report = evaluate_predictions(
+            expressions, predictions, strict=args.strict, empty_iou=args.empty_iou, allow_missing=args.allow_missing
+        )
+        report = {"folder": str(args.folder), "config": args.config, "split": split, "predictions": predictions, **report}
+        banner = provenance_banner(predictions)  # zero-shot predictions made with the instances oracle
+        if banner:
+            report["oracle"] = banner
+            print(banner)
+        reports[split] = report
+    title = f"{args.config}/{args.split} ({args.predictions})"
+    print(format_report(reports[splits[0]], title) if len(splits) == 1 else format_split_table(reports, title))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        out = reports[splits[0]] if len(splits) == 1 else {"splits": reports}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"\nreport: {args.json}")
     if args.plot:
-        print(f"plot: {plot_breakdowns(report, args.plot, title)}")
+        for split, report in reports.items():
+            path = Path(args.plot)
+            if len(splits) > 1:  # one picture per split: report.png -> report_val.png, report_testA.png, ...
+                path = path.with_name(f"{path.stem}_{split}{path.suffix}")
+            title = f"{args.config}/{split} ({report['predictions']})"
+            print(f"plot: {plot_breakdowns(report, path, title)}")
     return 0
 
 
@@ -220,25 +291,29 @@ def cmd_zeroshot(args) -> int:
 
     predictor = build_predictor(
         load_encoder(args.model, args.batch_size), args.proposals, args.captioner, args.phrases,
-        args.negative_phrases, args.synonym_threshold, args.spacy_model,
+        args.negative_phrases, args.synonym_threshold, args.spacy_model, args.rectifier, args.crop_box,
     )  # fmt: skip
     refs = _load_split(args.folder, args.config, args.split)
-    summary = run_zeroshot(refs, _load_split(args.folder, "images"), predictor, args.output, args.cache_dir)
+    images = _load_split(args.folder, "images", image_ids=set(refs["image_id"]))  # the split's images only
+    summary = run_zeroshot(refs, images, predictor, args.output, args.cache_dir)
     print(format_summary(summary))
-    print(f"score it: nemo-hf eval {args.folder} --config {args.config} --split {args.split} --predictions {args.output}")
+    print(f"score it (TAS counts Prec@X as IoU > X: --strict): nemo-hf eval {args.folder} --config {args.config} "
+          f"--split {args.split} --predictions {args.output} --strict")
     return 0
 
 
 def cmd_difficulty(args) -> int:
     import json
 
+    from .folder.reading import FolderImages
     from .zeroshot.difficulty import format_difficulty, measure_difficulty, plot_difficulty
     from .zeroshot.run import DEMO_MODEL, build_predictor, load_encoder
 
     predictor = build_predictor(load_encoder(args.model, args.batch_size), phrases="vocabulary" if args.negatives else "none")
     refs = _load_split(args.folder, args.config, "train")
-    report = measure_difficulty(refs, _load_split(args.folder, "images"), predictor, args.samples, args.seed,
-                                config=args.config, output_size=args.size)  # fmt: skip
+    images = FolderImages(args.folder)  # read a row group at a time: memory holds the images drawn
+    report = measure_difficulty(refs, images, predictor, args.samples, args.seed, config=args.config,
+                                output_size=args.size, pool=images.pool(args.config))  # fmt: skip
     demo = args.model == DEMO_MODEL
     print(format_difficulty(report, demo))
     if args.json:
@@ -248,6 +323,25 @@ def cmd_difficulty(args) -> int:
         plot_difficulty(report, args.output, demo)
         print(f"plot: {args.output}")
     return 0
+
+
+def _what_was_kept(args) -> str:
+    """The one line after Ctrl-C: what stays on disk and how to go on."""
+    if args.command == "build":
+        if args.no_mining:
+            cache = "nothing is cached without mining"
+        else:
+            import datasets
+
+            cache = args.embed_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "nemo_hf_embeddings")
+            cache = f"the embeddings computed so far are kept in {cache}"
+        return f"{args.out} was not touched (an earlier build there is as it was); {cache}; the same command resumes"
+    if args.command == "zeroshot":
+        cache = args.cache_dir or f"{args.output}.cache"
+        return f"no predictions file was written; the images done so far are kept in {cache}; the same command resumes"
+    if args.command == "push":
+        return "nothing was committed (a push is one commit)"
+    return "nothing was written"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "under several nodes, a folder all of them see")
     b.add_argument("--embed-batch-size", type=_positive, default=64, help="images or sentences per model forward")
     b.add_argument("--no-mining", action="store_true", help="leave the negative columns empty")
+    b.add_argument("--skip-broken-eval-images", action="store_true",
+                   help="build without the val/test refs whose image is missing or not decodable by PIL, listing "
+                   "them in the card and nemo_hf.json (default: stop, naming them; an evaluation split must be complete)")
     b.add_argument("--demo-images", type=_positive, default=48, help="images in the synthetic demo source (default 48)")
     b.add_argument("--seed", type=_non_negative, default=0, help="seed of the synthetic demo source (default 0)")
     b.set_defaults(func=cmd_build)
@@ -303,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training sentences sampled for the similarity distribution (default 500)")
     st.add_argument("--seed", type=_non_negative, default=0, help="seed of that sample (default 0)")
     st.add_argument("-o", "--output", help="PNG path (default <config>_negatives.png)")
+    st.add_argument("--json", help="also write the numbers (counts, distributions, tau and what it drops) as JSON here")
     st.set_defaults(func=cmd_stats)
 
     pv = sub.add_parser(
@@ -315,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--size", type=_side, default=256, help="side of each mosaic in pixels (default 256)")
     pv.add_argument("--tile", choices=["squash", "letterbox"], default="squash",
                     help="how a tile is fitted to its cell (default squash)")
+    pv.add_argument("--mode", choices=["retrieval", "random", "single"], default="retrieval",
+                    help="the mosaics drawn: retrieval (mined negatives; unmined rows fall back to random), random "
+                    "tiles, or the target image alone (default retrieval)")
+    pv.add_argument("--grid", choices=["2", "3", "mix"], default="2",
+                    help="tiles per side: 2 (2x2, default), 3 (3x3, the official loader's option) or mix")
     pv.add_argument("--seed", type=_non_negative, default=0, help="picks the rows and renders them (default 0)")
     pv.add_argument("-o", "--output", default="grid.png", help="PNG path (default grid.png)")
     pv.set_defaults(func=cmd_preview)
@@ -322,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a predictions file on a split: oIoU, mIoU, Prec@X and difficulty breakdowns")
     ev.add_argument("folder", help="a folder written by nemo-hf build")
     ev.add_argument("--config", default="refcoco_unc", help="refs config (default refcoco_unc)")
-    ev.add_argument("--split", default="val", help="split whose expressions are scored (default val)")
-    ev.add_argument("--predictions", required=True, help="JSON Lines or Parquet: sent_id + mask RLE at original size")
+    ev.add_argument("--split", default="val", help="split whose expressions are scored (default val); several, "
+                    "comma-separated (val,testA,testB), print one row per split, the papers' table")
+    ev.add_argument("--predictions", required=True, help="JSON Lines or Parquet: sent_id + mask RLE at original size; "
+                    "with several splits a pattern with {split} (preds_{split}.jsonl)")
     ev.add_argument("--strict", action="store_true", help="Prec@X counts IoU > X (CRIS, TAS) instead of >= X")
     ev.add_argument("--empty-iou", type=int, choices=[0, 1], default=0,
                     help="IoU of an expression whose prediction and ground truth are both empty")
@@ -350,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="default: HF_TOKEN or the cached login")
     p.add_argument("--no-images", action="store_true", help="push the refs configs only (image shards already on the Hub stay)")
     p.add_argument("--delete-remote-images", action="store_true", help="with --no-images: delete the image shards already on the Hub")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the folder as a push does and list what would be uploaded and deleted; no token, no network")
     p.set_defaults(func=cmd_push)
 
     z = sub.add_parser("zeroshot", help="TAS zero-shot segmentation of a split with CLIP -> a predictions file")
@@ -368,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--synonym-threshold", type=float, default=0.9,
                    help="drop a negative phrase whose prompt has a cosine above this with the head phrase's (default 0.9)")
     z.add_argument("--spacy-model", default="en_core_web_trf", help="spaCy model for --phrases spacy (default en_core_web_trf)")
+    z.add_argument("--rectifier", choices=["tas", "words"], default="tas",
+                   help="spatial rectifier: TAS's (substrings of the sentence, TAS's word order and ties; default) or "
+                        "words (whole words, contradictory sides cancel); with --phrases spacy, gated by TAS's parse")
+    z.add_argument("--crop-box", choices=["tas", "extent"], default="tas",
+                   help="proposal crop: TAS's SAM xywh box (last mask row and column outside; default) or the full extent")
     z.add_argument("--batch-size", type=_positive, default=64, help="crops per forward pass (default 64)")
     z.add_argument("--cache-dir", help="per-image feature cache (default <output>.cache): a rerun resumes from it")
     z.add_argument("-o", "--output", required=True, help="predictions file (.jsonl or .parquet)")
@@ -392,11 +504,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
+    first_few = next(f for h in logging.getLogger("nemo_hf").handlers if getattr(h, "nemo_hf_cli", False)
+                     for f in h.filters if isinstance(f, _FirstFew))
+    first_few.seen.clear()
     try:
+        return _run(args)
+    finally:
+        for line in first_few.summary():
+            print(f"WARNING {line}", file=sys.stderr)
+
+
+def _run(args) -> int:
+    try:
+        if getattr(args, "config", None):  # a refs config: refcoco, refcocoplus, RefCOCO+_unc all say which
+            args.config = refs_config(args.config)
         return args.func(args)
     except (ReferFormatError, ValueError, OSError, RankFailure) as err:  # ModelLoadError is an OSError
         print(f"nemo-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nnemo-hf {args.command}: interrupted; {_what_was_kept(args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

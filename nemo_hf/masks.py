@@ -94,6 +94,9 @@ def rle_problem(rle: Mapping) -> str | None:
     """Why a compressed RLE (a prediction's, already of its image's size) cannot be a mask of that size
     (pycocotools would read past it), or None: `check_rle`'s question, answered as a reason."""
     counts = rle["counts"]
+    h, w = rle["size"]
+    if len(counts) > 6 * (h * w + 1):  # at most h*w+1 runs of at most 6 characters: bounded before decoding
+        return f"counts holds {len(counts)} characters, more than a {h}x{w} mask can need"
     raw = counts.encode("ascii") if counts.isascii() else b"\x00"
     if raw and (min(raw) < 48 or max(raw) > 111):  # each character carries 5 bits + a continuation bit, offset 48
         return "counts is not a COCO RLE string"
@@ -101,7 +104,6 @@ def rle_problem(rle: Mapping) -> str | None:
         runs = rle_runs(raw)
     except ValueError as err:
         return str(err)
-    h, w = rle["size"]
     if (runs < 0).any() or int(runs.sum()) != h * w:
         return f"counts cover {int(runs.sum())} pixels, not h*w = {h * w}"
     return None

@@ -10,8 +10,11 @@ so and names the supported path that needs none of them.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import inspect
+import os
 
 DATASET_NAME = "nemo_refcoco"
 BUILDER_MODULE = "nemo_hf_builders.nemo_refcoco"
@@ -54,3 +57,24 @@ def register() -> None:
 
     dataset_module_factory.nemo_hf_original = original
     load.dataset_module_factory = dataset_module_factory
+    atexit.register(close_suspended_readers)
+
+
+def close_suspended_readers() -> None:
+    """At exit, close `datasets`' file readers that a streamed iteration left suspended (an iterator kept
+    in a global): closed later, during the interpreter's teardown, their ``except pa.ArrowInvalid`` meets a
+    module already emptied and prints ``Exception ignored in: <generator ... Parquet._generate_tables>``."""
+    import gc
+    import sys
+    import types
+
+    datasets = sys.modules.get("datasets")
+    if datasets is None or "datasets.packaged_modules.parquet.parquet" not in sys.modules:
+        return
+    package = os.path.dirname(datasets.__file__)
+    for obj in gc.get_objects():
+        if type(obj) is types.GeneratorType and obj.gi_frame is not None and (  # type(): no __class__ lookups
+            obj.gi_code.co_filename.startswith(package)
+        ):
+            with contextlib.suppress(Exception):
+                obj.close()

@@ -36,13 +36,45 @@ IMAGES_CONFIG = "images"
 TRAIN_SPLIT = "train"
 
 
+DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+# What people type for a dataset: the refer toolkit's names and the configs' own spelling of refcoco+.
+DATASET_SPELLINGS = {"refcoco": "refcoco", "refcoco+": "refcoco+", "refcocoplus": "refcoco+", "refcocog": "refcocog"}
+
+
 def config_name(dataset: str, split_by: str) -> str:
     """``("refcoco+", "unc")`` -> ``"refcocoplus_unc"``."""
     for cfg in REFS_CONFIGS.values():
         if cfg.dataset == dataset and cfg.split_by == split_by:
             return cfg.name
+    split_bys = [c.split_by for c in REFS_CONFIGS.values() if c.dataset == dataset]
+    if split_bys:
+        raise ValueError(f"{dataset} has no split-by {split_by!r}: it has {' or '.join(split_bys)}")
     known = ", ".join(f"{c.dataset}/{c.split_by}" for c in REFS_CONFIGS.values())
     raise ValueError(f"unknown dataset/split-by {dataset}/{split_by}; known: {known}")
+
+
+def did_you_mean(name: str, known) -> str:
+    """``"; did you mean X?"`` for the closest of ``known`` to a mistyped ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name).lower(), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def refs_config(name: str, split_by: str | None = None) -> str:
+    """The refs config a user means: a dataset in any usual spelling (``refcoco``, ``refcoco+``,
+    ``refcocoplus``, ``refcocog``, any case) with ``split_by`` (default: unc, umd for refcocog), or a
+    config name (``refcocoplus_unc``, also written ``refcoco+_unc``), whose own split-by wins."""
+    typed = str(name).strip().lower()
+    dataset, _, own_split_by = typed.partition("_")
+    canonical = DATASET_SPELLINGS.get(dataset)
+    if canonical is None:
+        known = [*DATASET_SPELLINGS, *REFS_CONFIGS]
+        raise ValueError(
+            f"unknown dataset {name!r}{did_you_mean(typed, known)} (known: refcoco, refcoco+ or refcocoplus, "
+            f"refcocog, or a config name: {', '.join(REFS_CONFIGS)})"
+        )
+    return config_name(canonical, own_split_by or split_by or DEFAULT_SPLIT_BY[canonical])
 
 
 SENTENCE = {

@@ -21,6 +21,24 @@ def needs_shared(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_files_under_pytest(tmp_path_factory):
+    """Temporary folders of this process and of every process a test starts (a rank's scratch folder, which
+    a killed rank cannot remove, torchrun's torchelastic_*) go under pytest's base folder, which pytest
+    prunes, never left in /tmp."""
+    import tempfile
+
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+    tempfile.tempdir = None  # computed again from TMPDIR
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own datasets cache, so no test sees another's builds."""

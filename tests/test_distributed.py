@@ -65,7 +65,10 @@ def test_dead_rank_is_named_and_torchrun_rerun_resumes_with_one_process_cells(tm
     assert images > 2 * BATCH and texts > 2 * BATCH
 
     build = ["build", "--source", str(source), "--out", str(tmp_path / "two"), "--embed-cache-dir", str(tmp_path / "emb2"), *OPTIONS]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NEMO_HF_DIST_TIMEOUT": "30"}
+    scratch = tmp_path / "tmp"  # the killed rank's nemo_hf_rank_* and torchrun's torchelastic_* stay: not in /tmp
+    scratch.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NEMO_HF_DIST_TIMEOUT": "30",
+           "TMPDIR": str(scratch)}
     # A launcher of our own, as on a node of a multi-node job: torchrun would tear down the survivor itself.
     (tmp_path / "c1").mkdir()
     launch = {**env, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -94,6 +97,7 @@ def test_dead_rank_is_named_and_torchrun_rerun_resumes_with_one_process_cells(tm
         env={**env, "NEMO_HF_TEST_COUNTS": str(tmp_path / "c2")}, capture_output=True, text=True, timeout=240,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(list(scratch.glob("nemo_hf_rank_*"))) == 1  # the killed rank's only (torchrun keeps its torchelastic_*)
     counts = _counts(tmp_path / "c2")
     # only what was missing is embedded, each rank its share of it; rank 0's selection embeds nothing more
     share = [Ranks(r, 2, None, None, None).share for r in (0, 1)]

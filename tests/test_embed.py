@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nemo_hf.mining.cache import EmbeddingCache
 from nemo_hf.mining.embed import Embedder, ModelLoadError, demo_embedder
 from nemo_hf.mining.identity import checkpoint_identity
 
@@ -212,9 +213,11 @@ def test_memory_map_takes_a_key_from_its_first_chunk_as_the_array_in_ram_does(tm
     embedder = make_embedder()
     embedder.embed_images(IMAGES[:3], cache_dir=tmp_path)
     [folder] = tmp_path.glob("image-*")
+    stamp = EmbeddingCache(folder, embedder.cache_key("image")).key  # what each chunk says it was computed under
     rng = np.random.default_rng(0)
     for name in ("chunk-0.npz", "chunk-z.npz"):  # before and after every uuid-named chunk
-        np.savez(folder / name, keys=np.array([_key(IMAGES[1])]), vectors=rng.normal(size=(1, 16)).astype(np.float32))
+        np.savez(folder / name, key=np.asarray(stamp), keys=np.array([_key(IMAGES[1])]),
+                 vectors=rng.normal(size=(1, 16)).astype(np.float32))
     mapped = embedder.embed_images(IMAGES[:3], cache_dir=tmp_path, memory_map=True)
     np.testing.assert_array_equal(mapped[1], np.load(folder / "chunk-0.npz")["vectors"][0])
     np.testing.assert_array_equal(mapped, embedder.embed_images(IMAGES[:3], cache_dir=tmp_path))
@@ -259,7 +262,6 @@ def test_memory_map_reuses_its_file_and_replaces_it_for_other_images(tmp_path):
 @needs_clip_files
 def test_memory_map_refuses_to_leave_a_row_unfilled(tmp_path, monkeypatch):
     """A chunk that vanishes between listing the cache and filling the matrix: an error, not a row of zeros."""
-    from nemo_hf.mining.cache import EmbeddingCache
 
     embedder = make_embedder()
     embedder.embed_images(IMAGES[:3], cache_dir=tmp_path)

@@ -8,7 +8,6 @@ from datasets import load_dataset
 
 from conftest import write_tiny_source
 from nemo_hf import masks
-from nemo_hf.source import refer
 from nemo_hf.cli import main
 from nemo_hf.evaluation.scoring import EvaluationError, Expressions, evaluate_predictions, split_tables
 from nemo_hf.folder import build_folder
@@ -278,3 +277,29 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path):
     assert next(rows)[0] == 1
     with pytest.raises(PredictionsFormatError, match=r"p.jsonl:2: not JSON \('utf-8' codec can't decode"):
         next(rows)
+
+
+def test_several_splits_print_the_papers_table(hand_folder, tmp_path, capsys):
+    """Issue 22.10: `--split val,testA,testB` with a {split} pattern prints one row per split (n, oIoU, mIoU,
+    Prec@X), each scored exactly as that split alone; --json keeps every split's full report."""
+    gt = {split: {s["sent_id"]: masks.decode_rle(row["mask"])
+                  for row in load_dataset(str(hand_folder), "refcoco_unc", split=split) for s in row["sentences"]}
+          for split in ("testA", "testB")}
+    write_predictions(tmp_path / "p_val.jsonl", hand_predictions(ground_truth(hand_folder)))
+    write_predictions(tmp_path / "p_testA.jsonl", gt["testA"])  # perfect
+    write_predictions(tmp_path / "p_testB.jsonl", {k: np.zeros_like(v) for k, v in gt["testB"].items()})  # empty
+    args = ["eval", str(hand_folder), "--split", "val,testA,testB", "--predictions", str(tmp_path / "p_{split}.jsonl")]
+    assert main([*args, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ") and line.split()}
+    assert rows["split"] == ["n", "oIoU", "mIoU", "Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
+    val = f"{(640 + 0 + 1200 + 50 + 12288) / (640 + 640 + 2000 + 150 + 12288) * 100:.2f}"
+    assert rows["val"][:2] == ["5", val] and rows["val"][3:] == ["60.00", "60.00", "40.00", "40.00", "40.00"]
+    assert rows["testA"] == ["1", "100.00", "100.00"] + ["100.00"] * 5
+    assert rows["testB"] == ["1", "0.00", "0.00"] + ["0.00"] * 5
+    assert out.count("convention:") == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["splits"]) == ["val", "testA", "testB"]
+    assert report["splits"]["val"]["metrics"] == score(hand_folder, tmp_path / "p_val.jsonl")["metrics"]
+    assert main([*args[:-1], str(tmp_path / "p_val.jsonl")]) == 2
+    assert "give --predictions a {split} pattern" in capsys.readouterr().err

@@ -108,3 +108,27 @@ def test_token_from_environment(folder, monkeypatch):
     api = RecordingApi()
     push_folder(folder, "someone/x", api=api)
     assert next(c for c in api.calls if c[0] == "create_commit")[3]["token"] == "hf_from_env"
+
+
+def test_dry_run_lists_the_commit_without_token_or_network(folder, monkeypatch, capsys):
+    """Issue 22.9: `push --dry-run` checks the folder as a push does and lists exactly what the push would
+    upload (the same files) and the deletion rule; no token (none is set here) and no Hub call."""
+    from nemo_hf.cli import main
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a dry run must not reach the Hub")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.__init__", no_hub)
+    assert main(["push", str(folder), "--repo-id", "someone/x", "--dry-run", "--no-images"]) == 0
+    listed = capsys.readouterr().out
+    api = RecordingApi()
+    push_folder(folder, "someone/x", token="hf_test", include_images=False, api=api)
+    pushed = [op.path_in_repo for op in next(c for c in api.calls if c[0] == "create_commit")[2]]
+    assert listed.startswith(f"would upload to someone/x in one commit ({len(pushed)} files):")
+    for path in pushed:
+        assert f"  {path}  (" in listed
+    assert "  data/images/" not in listed and "except under data/images/ (--no-images)" in listed
+    shard = next((folder / "data/refcoco_unc").glob("val-*.parquet"))
+    shard.unlink()
+    assert main(["push", str(folder), "--repo-id", "someone/x", "--dry-run"]) == 2
+    assert "refcoco_unc/val shard" in capsys.readouterr().err

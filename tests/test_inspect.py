@@ -338,3 +338,24 @@ def test_a_broken_or_hostile_manifest_is_refused(folder, tmp_path, capsys, text,
                  ["eval", str(copy), "--split", "val", "--predictions", str(tmp_path / "p.jsonl")]):  # fmt: skip
         assert main(args) == 2, args
         assert re.search(message, capsys.readouterr().err), args
+
+
+def test_outlines_keep_a_dark_halo_and_the_preview_box_clears_the_mask_outline():
+    """Issue 22.8: a yellow outline on a yellow object stays visible (a dark halo on both sides of it), and
+    on a rectangular target the preview's box lies outside the mask outline instead of covering it."""
+    from nemo_hf.inspection.drawing import HALO_COLOUR, MASK_COLOUR, draw_outline
+    from nemo_hf.inspection.preview import BOX_COLOUR, BOX_GAP, _overlay
+
+    yellow = (255, 200, 0)
+    image = np.full((20, 20, 3), yellow, np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    out = draw_outline(image.copy(), mask, yellow)
+    assert tuple(out[10, 4]) == HALO_COLOUR and tuple(out[10, 7]) == HALO_COLOUR  # outside, inside the 2-px line
+    assert tuple(out[10, 5]) == yellow and tuple(out[10, 6]) == yellow
+    sample = {"image": np.full((64, 64, 3), 128, np.uint8), "mask": np.zeros((64, 64), np.uint8),
+              "bbox": [16, 16, 32, 32], "target_quadrant": -1, "tile_image_ids": [1]}
+    sample["mask"][16:48, 16:48] = 1
+    picture = np.asarray(_overlay(sample, 64))
+    assert tuple(picture[30, 16]) == MASK_COLOUR and tuple(picture[30, 15]) == HALO_COLOUR
+    assert tuple(picture[30, 16 - BOX_GAP]) == BOX_COLOUR

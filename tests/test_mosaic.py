@@ -448,7 +448,8 @@ def test_image_table_reads_views_chunks_and_paths(world, tmp_path):
     shown = set(view["image_id"])
     table = ImageTable(view)
     assert [table.bytes_of(i) for i in range(12)] == [blobs[i] if i in shown else None for i in range(12)]
-    # several Arrow chunks, and a cell that holds a path instead of bytes
+    # several Arrow chunks, and a cell that holds a path instead of bytes: refused, the path never opened
+    # (a row must not make a reader open a file it names: issue 23.3)
     (tmp_path / "7.jpg").write_bytes(blobs[7])
     tail = datasets.Dataset.from_dict(
         {**images.select([7]).to_dict(), "image_id": [99], "image": [{"bytes": None, "path": str(tmp_path / "7.jpg")}]},
@@ -456,7 +457,9 @@ def test_image_table_reads_views_chunks_and_paths(world, tmp_path):
     )
     table = ImageTable(datasets.concatenate_datasets([images.select(range(6)).flatten_indices(), images.select(range(6, 12)), tail]))
     assert len(table._dataset_index()) == 13 and len(table._cells) >= 2
-    assert [table.bytes_of(i) for i in [*range(12), 99]] == [*blobs, blobs[7]]
+    assert [table.bytes_of(i) for i in range(12)] == blobs
+    with pytest.raises(ValueError, match=r"image 99: its row has no bytes but a path \('.*7.jpg'\), which is never read"):
+        table.bytes_of(99)
 
 
 def test_streaming_map_matches_set_transform(world):

@@ -94,3 +94,27 @@ def test_pool_size_axis_when_every_pool_has_the_same_size(tmp_path):
     assert "fewer than" not in write_stats(refs, out)
     with Image.open(out) as image:  # whole numbers around the one size, not matplotlib's 2.6 .. 3.4
         assert json.loads(image.text["nemo_hf"])["pool_xlim"] == [0, 6]
+
+
+def test_stats_json_has_the_numbers_the_report_prints(tmp_path, capsys):
+    """Issue 22.11: `stats --json` writes the numbers: counts, the negatives kept per sentence, the tau the
+    build used and what a previewed tau drops (the same values as the printed report)."""
+    import json
+
+    from nemo_hf.cli import main
+    from nemo_hf.source.synthetic import make_refer_source
+
+    source = make_refer_source(tmp_path / "src", n_images=16, seed=0, datasets=("refcoco",))
+    assert main(["build", "--source", str(source), "--out", str(tmp_path / "out"), "--model", "demo-random",
+                 "--top-k", "20"]) == 0
+    capsys.readouterr()
+    assert main(["stats", str(tmp_path / "out"), "--tau", "p98", "-o", str(tmp_path / "s.png"),
+                 "--json", str(tmp_path / "s.json")]) == 0
+    printed = capsys.readouterr().out
+    numbers = json.loads((tmp_path / "s.json").read_text())
+    assert numbers["config"] == "refcoco_unc" and numbers["top_k"] == 20
+    assert f"sentences: {numbers['sentences']} ({numbers['sentences_mined']} mined)" in printed
+    assert sum(numbers["pool_size_counts"].values()) == numbers["sentences_mined"]
+    preview = numbers["similarity"]["preview_tau"]
+    assert f"preview tau p98 = {preview['cosine']:.4f} drops {100 * preview['drops']:.2f}% of these pairs" in printed
+    assert numbers["shortfall"] in printed and "--top-k 20 is larger than the pool" in numbers["shortfall"]

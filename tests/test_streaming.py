@@ -62,3 +62,19 @@ def test_split_by_node_gives_disjoint_complete_shares(folder, world_size):
             assert not set(shares[a]) & set(shares[b])
     assert shares[0] != sorted(shares[0])  # it was shuffled
     assert sorted(np.concatenate(unseeded).tolist()) != every
+
+
+def test_exit_with_a_stream_half_read_prints_nothing(folder):
+    """Issue 22.11: a script that keeps a streamed iterator in a global and exits printed `Exception ignored
+    in: <generator ... Parquet._generate_tables>` (the reader closed during the interpreter's teardown)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import nemo_hf\nfrom datasets import load_dataset\n"
+        f"stream = load_dataset({str(folder)!r}, 'refcoco_unc', split='train', streaming=True)\n"
+        "rows = iter(stream)\nprint(next(rows)['ref_id'] >= 0)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -98,6 +98,8 @@ def test_zeroshot_demo_model_warns_and_every_expression_gets_a_mask(folder, tmp_
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     assert "MEANINGLESS" in captured.err
+    suggested = next(line for line in captured.out.splitlines() if line.startswith("score it"))
+    assert suggested.endswith(f"--predictions {out} --strict")  # issue 22.11: TAS counts Prec@X as IoU > X
     refs = _split(folder, "refcoco_unc", "testA")
     sent_ids = sorted(s["sent_id"] for ref in refs for s in ref["sentences"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -109,6 +111,20 @@ def test_zeroshot_demo_model_warns_and_every_expression_gets_a_mask(folder, tmp_
         assert any(np.array_equal(decode_rle(row["mask"]), decode_rle(m)) for m in masks)
     report = _eval(folder, out, tmp_path, "testA")
     assert 0.0 <= report["metrics"]["oIoU"] <= 1.0
+
+
+def test_zeroshot_rectifier_and_crop_box_options_reach_the_provenance(folder, tmp_path, capsys):
+    """TAS's rule and box by default, rectifying on words alone without spaCy (and saying so); the options switch."""
+    base = ["zeroshot", str(folder), "--split", "testA", "--model", "demo-random", "--phrases", "none",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert cli.main(base + ["-o", str(tmp_path / "tas.jsonl")]) == 0
+    assert "spatial rectifier: tas (words only (no spaCy parse)" in capsys.readouterr().out
+    tas = json.loads((tmp_path / "tas.jsonl.provenance.json").read_text())
+    assert (tas["spatial_rectifier"], tas["crop_box"]) == ("tas", "tas") and tas["rectifier_gate"].startswith("words only")
+    assert cli.main(base + ["--rectifier", "words", "--crop-box", "extent", "-o", str(tmp_path / "words.jsonl")]) == 0
+    words = json.loads((tmp_path / "words.jsonl.provenance.json").read_text())
+    assert (words["spatial_rectifier"], words["crop_box"]) == ("words", "extent")
+    assert words["images_from_cache"] == 0 < words["images"]  # another crop box: other crops, not the cached ones
 
 
 def test_zeroshot_errors_are_clear(folder, tmp_path, capsys):

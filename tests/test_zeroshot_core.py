@@ -90,24 +90,30 @@ SCORES = np.array([0.2, 0.4, 0.1, 0.3, 1.0])
     ],
 )
 def test_spatial_rectify_sides_and_corners(words, expected):
-    assert spatial_rectify(SCORES, CENTROIDS, words) == expected
+    """nemo_hf's whole-word rule (``rule="words"``); TAS's default rule: tests/test_zeroshot_tas_fidelity.py."""
+    assert spatial_rectify(SCORES, CENTROIDS, words, rule="words") == expected
 
 
 def test_spatial_rectify_ties_single_proposal_and_empty_quadrant():
     tied = np.array([0.5, 0.5, 0.5, 0.5])
     quad = CENTROIDS[:4]
-    assert spatial_rectify(tied, quad, ["right"]) == 1  # TR and BR tie: the lower index
-    assert spatial_rectify(tied, quad, []) == 0
+    rectify = lambda scores, centroids, words: spatial_rectify(scores, centroids, words, rule="words")  # noqa: E731
+    assert rectify(tied, quad, ["right"]) == 1  # TR and BR tie: the lower index
+    assert rectify(tied, quad, []) == 0
     # one proposal: it is at the median, so bottom-right; "top left" finds nothing and falls back to the argmax
-    assert spatial_rectify(np.array([0.0]), np.array([[3.0, 4.0]]), ["top", "left"]) == 0
-    assert spatial_rectify(np.array([0.0]), np.array([[3.0, 4.0]]), ["right"]) == 0
+    assert rectify(np.array([0.0]), np.array([[3.0, 4.0]]), ["top", "left"]) == 0
+    assert rectify(np.array([0.0]), np.array([[3.0, 4.0]]), ["right"]) == 0
     # two proposals in one row: both have row == median, so nothing is "top": global argmax
     two = np.array([[5.0, 1.0], [5.0, 9.0]])
-    assert spatial_rectify(np.array([0.2, 0.9]), two, ["top"]) == 1
-    assert spatial_rectify(np.array([0.2, 0.9]), two, ["left"]) == 0
-    assert spatial_rectify(np.array([0.2, 0.9]), two, ["below", "left"]) == 0
-    with pytest.raises(ValueError, match="centroids"):
-        spatial_rectify(tied, CENTROIDS, ["left"])
+    assert rectify(np.array([0.2, 0.9]), two, ["top"]) == 1
+    assert rectify(np.array([0.2, 0.9]), two, ["left"]) == 0
+    assert rectify(np.array([0.2, 0.9]), two, ["below", "left"]) == 0
+    assert rectify(np.array([0.2, 0.9]), two, "the bright laptop") == 1  # a sentence is split into whole words
+    for rule in ("words", "tas"):
+        with pytest.raises(ValueError, match="centroids"):
+            spatial_rectify(tied, CENTROIDS, ["left"], rule=rule)
+    with pytest.raises(ValueError, match="rule 'nearest'"):
+        spatial_rectify(tied, quad, ["left"], rule="nearest")
 
 
 def test_spatial_side_word_lists():
@@ -125,7 +131,7 @@ def test_masked_crop_black_background_box_and_square_padding():
     mask = np.zeros((6, 8), dtype=bool)
     mask[1, 2:7] = True  # box rows 1..2, cols 2..6: 2 x 5
     mask[2, 3] = True
-    crop = masked_crop(image, mask)
+    crop = masked_crop(image, mask, box="extent")  # TAS's default box: tests/test_zeroshot_tas_fidelity.py
     # (5 - 2) // 2 = 1 black row above and below: 4 x 5, one short of a square as in TAS
     assert crop.shape == (4, 5, 3)
     np.testing.assert_array_equal(crop[0], 0)
@@ -137,7 +143,7 @@ def test_masked_crop_black_background_box_and_square_padding():
 
     tall = np.zeros((6, 8), dtype=bool)
     tall[0:6, 4] = True  # 6 x 1: 2 black columns each side -> 6 x 5
-    crop = masked_crop(image, tall)
+    crop = masked_crop(image, tall, box="extent")
     assert crop.shape == (6, 5, 3)
     np.testing.assert_array_equal(crop[:, 2], image[:, 4])
     assert not crop[:, [0, 1, 3, 4]].any()
@@ -184,12 +190,16 @@ def test_blurred_crop_keeps_mask_pixels_and_blurs_the_rest():
     mask[5:15, 5:25] = True
     mask[10, 10] = False
     blurred = gaussian_blur(image)
-    crop = blurred_crop(image, mask, blurred)
+    crop = blurred_crop(image, mask, blurred, box="extent")
     assert crop.shape == (20, 20, 3)  # 10 x 20 box padded by 5 rows each side
     np.testing.assert_array_equal(crop[5:15][mask[5:15, 5:25]], image[5:15, 5:25][mask[5:15, 5:25]])
     np.testing.assert_array_equal(crop[5 + 5, 5], blurred[10, 10])
     np.testing.assert_array_equal(crop[:5], 0)
-    np.testing.assert_array_equal(blurred_crop(image, mask), crop)
+    np.testing.assert_array_equal(blurred_crop(image, mask, box="extent"), crop)
+    # TAS's box: rows 5..13, columns 5..23 (9 x 19), padded by (19 - 9) // 2 = 5 rows each side
+    tas = blurred_crop(image, mask, blurred)
+    assert tas.shape == (19, 19, 3)
+    np.testing.assert_array_equal(tas[5:14], crop[5:14, :19])
 
 
 def test_centroid_is_mean_row_and_column():
@@ -276,8 +286,6 @@ def _tampered(name: str, arrays: dict) -> dict:
                                   "NaN embedding", "pickled object array"])  # fmt: skip
 def test_a_tampered_feature_cache_file_is_dropped_and_recomputed(tmp_path, name):
     """A cache file whose arrays disagree never reaches the scorer or the predictions file: it is dropped."""
-    import io
-
     from nemo_hf.masks import encode_rle
     from nemo_hf.zeroshot.encode import FeatureCache, ImageFeatures
 
@@ -286,13 +294,13 @@ def test_a_tampered_feature_cache_file_is_dropped_and_recomputed(tmp_path, name)
     features = ImageFeatures((48, 64), [encode_rle(mask)], np.ones((1, 4), np.float32), np.asarray([[12.0, 16.0]]),
                              np.ones(4, np.float32))  # fmt: skip
     cache = FeatureCache(tmp_path, {"model": "test"})
-    cache.put(1, features)
-    assert cache.get(1).masks == features.masks  # the untouched file reads back
-    with np.load(io.BytesIO(features.to_npz())) as data:
+    cache.put(1, "content", features)
+    assert cache.get(1, "content").masks == features.masks  # the untouched file reads back
+    with np.load(cache.directory / "1.npz") as data:
         arrays = {k: data[k] for k in data.files}
     np.savez(cache.directory / "1.npz", **_tampered(name, arrays))
     with pytest.warns(UserWarning, match=r"dropping unreadable .*1\.npz"):
-        assert cache.get(1) is None
+        assert cache.get(1, "content") is None
     assert not (cache.directory / "1.npz").exists()
 
 
@@ -321,7 +329,7 @@ features = FeatureCache(Path(sys.argv[1]) / "feat", {"model": "test"})
 bomb(features.directory / "1.npz", ["size", "mask_size", "mask_counts", "crop_emb", "centroids", "image_emb"])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    assert embeddings.load() == {} and features.get(1) is None
+    assert embeddings.load() == {} and features.get(1, "content") is None
 assert sum("dropping unreadable" in str(w.message) for w in caught) == 2, [str(w.message) for w in caught]
 print("dropped")
 '''

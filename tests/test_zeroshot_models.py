@@ -82,15 +82,15 @@ def test_captioner_adds_p_and_everything_survives_the_cache(encoder, tmp_path):
     np.testing.assert_allclose(with_p - without_p, 0.1 * 100 * features.caption_emb @ text, rtol=1e-5, atol=1e-4)
 
     cache = FeatureCache(tmp_path, predictor.cache_key())
-    cache.put(7, features)
-    back = cache.get(7)
+    cache.put(7, "content", features)
+    back = cache.get(7, "content")
     assert back.size == features.size and back.masks == features.masks and back.captions == features.captions
     assert back.whole_caption == features.whole_caption
     for name in ("crop_emb", "centroids", "image_emb", "caption_emb"):
         np.testing.assert_array_equal(getattr(back, name), getattr(features, name))
     (cache.directory / "8.npz").write_bytes(b"cut short")
     with pytest.warns(UserWarning, match="dropping unreadable"):
-        assert cache.get(8) is None
+        assert cache.get(8, "content") is None
     assert not (cache.directory / "8.npz").exists()
 
 
@@ -191,7 +191,7 @@ def test_an_image_without_proposals_round_trips_and_predicts_nothing(encoder, tm
     features = predictor.image_features(image, [], "image 1")
     assert features.masks == [] and features.crop_emb.shape == (0, encoder.dim)
     cache = FeatureCache(tmp_path, predictor.cache_key())
-    cache.put(1, features)
-    back = cache.get(1)
+    cache.put(1, "content", features)
+    back = cache.get(1, "content")
     assert back.size == (120, 160) and back.masks == [] and back.centroids.shape == (0, 2)
     assert predictor.choose(back, "the man", ["the", "man"], encoder.encode_texts(["the man"])[0]) is None

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..masks import encode_rle
+from ..folder.files import open_regular, regular_file
+from ..masks import MAX_SIDE, encode_rle
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 PARQUET_SCHEMA = pa.schema(
@@ -25,6 +26,13 @@ PARQUET_SCHEMA = pa.schema(
         ("mask", pa.struct([("size", pa.list_(pa.int64(), 2)), ("counts", pa.string())])),
     ]
 )
+
+
+# What one row may cost, checked before it is parsed: a line (JSON Lines) holds one expression's mask, whose
+# counts string is at most a few MB for any photo; the values on a line are a handful
+MAX_LINE = 64 << 20
+MAX_VALUES = 256
+MAX_ROW_GROUP = 512 << 20  # Parquet, uncompressed: PredictionWriter writes 1024 rows a group
 
 
 class PredictionsFormatError(ValueError):
@@ -158,23 +166,31 @@ def read_predictions(path: str | os.PathLike, batch_rows: int = 4096) -> Iterato
     """(sent_id, RLE, where) per row, streamed; ``where`` names the file and line or row for error messages.
 
     Rows are checked for shape (a sent_id integer, a mask with a 2-int size and a str counts), not content.
+    What one row may cost is bounded before it is parsed (`MAX_LINE`, `MAX_VALUES`, `MAX_ROW_GROUP`): a small
+    hostile file cannot exhaust memory. Only a regular file is opened (a FIFO would block forever).
     """
     path = Path(path)
     fmt = predictions_format(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: predictions file not found")
     if fmt == "jsonl":
-        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported by json.loads with its line
-            for line_no, line in enumerate(f, 1):
+        with open_regular(path, "predictions file") as f:  # bytes: a line that is not UTF-8 is reported by json.loads
+            for line_no, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
+                where = f"{path}:{line_no}"
+                if len(line) > MAX_LINE:
+                    raise PredictionsFormatError(f"{where}: a line longer than {MAX_LINE >> 20} MiB is not one expression's mask")
                 if not line.strip():
                     continue
-                where = f"{path}:{line_no}"
+                if line.count(b",") + line.count(b"{") > MAX_VALUES:  # neither appears in an RLE counts string
+                    raise PredictionsFormatError(f"{where}: more than {MAX_VALUES} JSON values on one line; a row is "
+                                                 '{"sent_id": int, "mask": {"size": [h, w], "counts": str}}')
                 try:
                     record = json.loads(line)
+                except RecursionError:
+                    raise PredictionsFormatError(f"{where}: JSON nested too deeply to be a predictions row") from None
                 except ValueError as err:
                     raise PredictionsFormatError(f"{where}: not JSON ({err})") from None
                 yield _checked(record, where)
         return
+    regular_file(path, "predictions file")
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a file that is not Parquet
@@ -182,11 +198,19 @@ def read_predictions(path: str | os.PathLike, batch_rows: int = 4096) -> Iterato
     missing = {"sent_id", "mask"} - set(parquet.schema_arrow.names)
     if missing:
         raise PredictionsFormatError(f"{path}: Parquet columns {sorted(missing)} missing; expected sent_id and mask")
+    for group in range(parquet.metadata.num_row_groups):
+        size = parquet.metadata.row_group(group).total_byte_size
+        if size > MAX_ROW_GROUP:
+            raise PredictionsFormatError(f"{path}: row group {group} holds {size >> 20} MiB uncompressed, more than "
+                                         f"{MAX_ROW_GROUP >> 20} MiB: write it in smaller row groups (PredictionWriter does)")
     row_no = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["sent_id", "mask"]):
-        for record in batch.to_pylist():
-            yield _checked(record, f"{path}: row {row_no}")
-            row_no += 1
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=["sent_id", "mask"]):
+            for record in batch.to_pylist():
+                yield _checked(record, f"{path}: row {row_no}")
+                row_no += 1
+    except (pa.ArrowException, OSError) as err:
+        raise PredictionsFormatError(f"{path}: unreadable after row {row_no} ({type(err).__name__}: {err})") from None
 
 
 def _checked(record, where: str) -> tuple[int, dict, str]:
@@ -195,10 +219,12 @@ def _checked(record, where: str) -> tuple[int, dict, str]:
     sent_id, mask = record["sent_id"], record["mask"]
     if isinstance(sent_id, bool) or not isinstance(sent_id, int):
         raise PredictionsFormatError(f"{where}: sent_id {sent_id!r} is not an integer")
+    if not -(2**63) <= sent_id < 2**63:
+        raise PredictionsFormatError(f"{where}: sent_id {sent_id} does not fit in 64 bits; no expression has it")
     size = mask.get("size") if isinstance(mask, dict) else None
     if (
         not isinstance(size, (list, tuple)) or len(size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in size)
         or not isinstance(mask.get("counts"), str)
     ):  # fmt: skip
         raise PredictionsFormatError(

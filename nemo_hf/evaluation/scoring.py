@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from ..masks import rle_problem
+from ..schema import IMAGES_CONFIG
 from ..transforms.sampling import SPATIAL_WORDS
 from .metrics import RISMetrics
 from .predictions import read_predictions
@@ -72,6 +72,9 @@ class Expressions:
         sent_ids, gt, gt_area, n_same, words, spatial, supers = [], [], [], [], [], [], []
         columns = refs.select(["ann_id", "image_id", "category_id", "sentences", "mask"]).to_pylist()
         for ref in columns:
+            problem = rle_problem(ref["mask"])
+            if problem:  # pycocotools would read past a damaged one
+                raise ValueError(f"{where}: ann {ref['ann_id']}: the ground-truth mask is unreadable ({problem})")
             rle = {"size": [int(v) for v in ref["mask"]["size"]], "counts": ref["mask"]["counts"].encode("ascii")}
             area = int(mask_utils.area(rle))
             same = max(1, same_category.get((ref["image_id"], ref["category_id"]), 0))
@@ -274,24 +277,18 @@ def evaluate_predictions(
 
 def split_tables(folder: str | os.PathLike, config: str, split: str) -> tuple[pa.Table, pa.Table]:
     """The refs split and the images config of a folder written by `nemo-hf build`, only the columns scoring reads
-    (the images' JPEG bytes are never read)."""
+    (the images' JPEG bytes are never read), from the shards the manifest names inside the folder, their
+    types and ids cross-checked (`nemo_hf.folder.reading.check_refs`) before anything is scored."""
     from ..folder.manifest import BuildReport
+    from ..folder.reading import check_refs, read_shards, shard_paths
 
     folder = Path(folder)
     report = BuildReport.read(folder)
-    if config not in report.configs or config == "images":
-        built = ", ".join(c for c in report.configs if c != "images")
+    if config == IMAGES_CONFIG:
+        built = ", ".join(c for c in report.configs if c != IMAGES_CONFIG)
         raise ValueError(f"{folder}: config {config!r} was not built here (built: {built})")
-    splits = report.configs[config]["splits"]
-    if split not in splits:
-        raise ValueError(f"{folder}: {config} has no split {split!r} (splits: {', '.join(splits)})")
-
-    def read(shards, columns):
-        present = pq.read_schema(folder / shards[0]).names
-        return pa.concat_tables(pq.read_table(folder / s, columns=[c for c in columns if c in present]) for s in shards)
-
-    refs = read(splits[split]["shards"], ["ref_id", "ann_id", "image_id", "category_id", "sentences", "mask"])
-    shards = [s for entry in report.configs["images"]["splits"].values() for s in entry["shards"]]
-    return refs, read(shards, ["image_id", "objects"])
-
-
+    columns = ["ref_id", "ann_id", "image_id", "category_id", "category", "split", "sentences", "mask"]
+    refs = read_shards(shard_paths(folder, report, config, split), "refs", columns)
+    images = read_shards(shard_paths(folder, report, IMAGES_CONFIG), IMAGES_CONFIG, ["image_id", "width", "height", "objects"])
+    check_refs(refs, images, f"{folder} ({config}/{split})", split)
+    return refs, images

@@ -10,6 +10,7 @@ two builds from writing it at once, and the next build cleans up after an interr
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import __version__, progress
-from ..schema import DEFAULT_CONFIG, IMAGES_CONFIG, REFS_CONFIGS
+from ..schema import DEFAULT_CONFIG, IMAGES_CONFIG, refs_config
 from ..source.reader import open_source
 from ..source.refer import ReferFormatError
 from . import embeddings
@@ -62,10 +63,7 @@ def resolve_configs(source_root, datasets_and_split_bys: list[str]) -> list[str]
         if not present:
             raise ReferFormatError(f"{source_root}: no refs(<split_by>).p + instances.json pair found")
         return present
-    unknown = [c for c in datasets_and_split_bys if c not in REFS_CONFIGS]
-    if unknown:
-        raise ValueError(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(REFS_CONFIGS)} or all")
-    return list(dict.fromkeys(datasets_and_split_bys))
+    return list(dict.fromkeys(refs_config(name) for name in datasets_and_split_bys))  # refcocoplus, typos
 
 
 def build_folder(
@@ -76,10 +74,14 @@ def build_folder(
     image_dir: str | os.PathLike | None = None,
     mining: MiningOptions | None = MiningOptions(),
     max_shard_size: str | int = MAX_SHARD_SIZE,
+    skip_broken_eval_images: bool = False,
 ) -> Path:
     """Build ``configs`` (plus ``images``) from a refer source into ``out_dir``; returns ``out_dir``.
 
-    ``mining=None`` leaves the negative columns empty. An existing ``out_dir`` is replaced only if it
+    ``mining=None`` leaves the negative columns empty. A val/test ref whose image cannot be used
+    (missing, or not decodable by PIL) stops the build before anything is written
+    (`nemo_hf.source.reader.IncompleteEvalError`), unless ``skip_broken_eval_images``: then such refs
+    are left out and listed in the manifest and the card. An existing ``out_dir`` is replaced only if it
     is an earlier build (else `OutFolderError`, and nothing is touched). Under a launcher
     (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) every rank embeds its share into the
     shared embedding cache, then rank 0 alone selects and writes the folder while the others wait for
@@ -88,12 +90,21 @@ def build_folder(
     from ..mining.ranks import launched
 
     if launched():
-        return _build_on_ranks(source_root, out_dir, configs, image_dir, mining, max_shard_size)
+        return _build_on_ranks(source_root, out_dir, configs, image_dir, mining, max_shard_size, skip_broken_eval_images)
     with progress.build_stages():
-        return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size)
+        return _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size, skip_broken_eval_images)
 
 
-def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOptions | None, max_shard_size) -> Path:
+def _check_source_images(source, configs: list[str], skip_broken_eval_images: bool) -> None:
+    """Before anything is written: one declared size per image across the configs, and (unless told
+    otherwise) every val/test ref's image usable."""
+    source.declared_images(configs)
+    if not skip_broken_eval_images:
+        source.require_complete_eval(configs)
+
+
+def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOptions | None, max_shard_size,
+                    skip_broken_eval_images: bool) -> Path:
     """Every rank embeds its share (per config, in turn), then rank 0 builds from the full cache."""
     import tempfile
 
@@ -102,15 +113,18 @@ def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOpti
     from ..mining.ranks import launched_ranks
 
     source = open_source(source_root, image_dir)
+    source.forget_changed_images()
     _check_no_overlap(Path(out_dir).expanduser().resolve(), source)
     _check_replaceable(Path(out_dir).expanduser().resolve())  # fail before embedding; rank 0 checks again, locked
     configs = resolve_configs(source.root, list(configs))
     for config in configs:
         source.require(config)
+    _check_source_images(source, configs, skip_broken_eval_images)
     with launched_ranks() as ranks, tempfile.TemporaryDirectory(prefix="nemo_hf_rank_") as scratch:
         for config in configs if mining is not None else ():
             builder = NemoRefcoco(config_name=config, source=str(source.root), image_dir=str(source.image_dir),
-                                  cache_dir=scratch, mine=True, **asdict(mining))
+                                  cache_dir=scratch, mine=True, skip_broken_eval_images=skip_broken_eval_images,
+                                  **asdict(mining))
             embedded = builder.embed_mining_share(ranks)
             logger.info("rank %d embedded %s for %s", ranks.rank, embedded, config)
         if not ranks.is_main:
@@ -118,7 +132,8 @@ def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOpti
             return Path(out_dir).expanduser().resolve()
         try:
             with progress.build_stages():
-                out = _build_folder(source.root, out_dir, configs, image_dir, mining, max_shard_size)
+                out = _build_folder(source.root, out_dir, configs, image_dir, mining, max_shard_size,
+                                    skip_broken_eval_images)
         except BaseException as err:
             ranks.main_done(f"{type(err).__name__}: {err}")
             raise
@@ -126,29 +141,81 @@ def _build_on_ranks(source_root, out_dir, configs, image_dir, mining: MiningOpti
         return out
 
 
-def _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size) -> Path:
+def _build_folder(source_root, out_dir, configs, image_dir, mining, max_shard_size, skip_broken_eval_images) -> Path:
     out_dir = Path(out_dir).expanduser().resolve()
     source = open_source(source_root, image_dir)
+    source.forget_changed_images()
     _check_no_overlap(out_dir, source)
     configs = resolve_configs(source.root, list(configs))
     for config in configs:
         source.require(config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out_dir):
+    with _locked(out_dir), _interrupts_noted() as interrupts:
         _clean_up_after_interrupted_builds(out_dir)
         _check_replaceable(out_dir)
+        _check_source_images(source, configs, skip_broken_eval_images)
         partial = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
         partial.mkdir()
         try:
-            _build_into(partial, source, configs, mining, max_shard_size)
+            _build_into(partial, source, configs, mining, max_shard_size, skip_broken_eval_images)
+            if interrupts:  # a Ctrl-C swallowed on the way (in a finaliser, a worker's teardown) still stops it
+                raise KeyboardInterrupt
             _swap_into_place(partial, out_dir)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(partial, ignore_errors=True)
+            _raise_if_out_of_space(err, out_dir)
             raise
     return out_dir
 
 
-def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions | None, max_shard_size) -> None:
+def _raise_if_out_of_space(err: BaseException, out_dir: Path) -> None:
+    """A full disk (or quota) anywhere in ``err``'s chain (`datasets` wraps it in a DatasetGenerationError
+    that says nothing of space) as one OSError naming where, and what is left as it was."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" ({err.filename})" if err.filename else ""
+            full = OSError(
+                f"no space left on the device{where} while building {out_dir}: nothing was replaced (an earlier "
+                f"build there is untouched) and the unfinished copy was removed; free space (the build writes a "
+                f"full copy beside {out_dir} before swapping it in, plus the embedding cache) or choose another "
+                "--out / --embed-cache-dir"
+            )
+            full.errno = err.errno
+            raise full from None
+        err = err.__cause__ or err.__context__
+
+
+@contextlib.contextmanager
+def _interrupts_noted():
+    """Within: the first Ctrl-C raises KeyboardInterrupt as usual; every one is noted in the yielded list,
+    which the swap checks. Only where Python's own handler is installed (the main thread, not changed by
+    the caller)."""
+    import signal
+    import threading
+
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield noted
+        return
+
+    def note(signum, frame):
+        noted.append(signum)
+        if len(noted) == 1:  # a second one (a worker passing the same Ctrl-C on) must not cut the cleanup short
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions | None, max_shard_size,
+                skip_broken_eval_images: bool = False) -> None:
     from nemo_hf_builders.nemo_refcoco import NemoRefcoco
 
     report = BuildReport(
@@ -156,8 +223,10 @@ def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions
         source=str(source.root),
         default_config=DEFAULT_CONFIG if DEFAULT_CONFIG in configs else configs[0],
         eval_images_excluded_from_pools=len(source.eval_image_ids),
+        skip_broken_eval_images=skip_broken_eval_images,
     )
-    common = {"source": str(source.root), "image_dir": str(source.image_dir), "cache_dir": str(partial / ".cache")}
+    common = {"source": str(source.root), "image_dir": str(source.image_dir), "cache_dir": str(partial / ".cache"),
+              "skip_broken_eval_images": skip_broken_eval_images}
     mining_fields = {"mine": False} if mining is None else {"mine": True, **asdict(mining)}
     embedded_images: dict = {}
     for config in configs:
@@ -177,6 +246,7 @@ def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions
     logger.info("building %s (the images of %s)", IMAGES_CONFIG, ", ".join(configs))
     builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
     report.configs[IMAGES_CONFIG] = _name_by_content(partial, _prepare(builder, partial, IMAGES_CONFIG, max_shard_size))
+    report.images = builder.image_notes
     _write_preview(partial, report.default_config)
     for scratch in (".cache", ".staging"):
         shutil.rmtree(partial / scratch, ignore_errors=True)

@@ -69,8 +69,36 @@ def _skipped_text(report) -> str:
         for split, refs in (entry.get("skipped") or {}).items():
             lines.append(f"- {name}/{split}: {len(refs)} refs skipped, e.g. {refs[0]}")
     if not lines:
-        return "Every ref of the source was converted; no image was missing or unreadable."
-    return "**Skipped** (their image file was missing, unreadable or of the wrong size; see nemo_hf.json):\n" + "\n".join(lines)
+        return "Every ref of the source was converted; no image was missing or unreadable.\n\n" + _images_text(report)
+    text = "**Skipped** (their image file was missing, unreadable or of the wrong size; see nemo_hf.json):\n" + "\n".join(lines)
+    if report.skip_broken_eval_images and any(
+        split != "train" for entry in report.configs.values() for split in (entry.get("skipped") or {})
+    ):
+        text += (
+            "\n\n**Incomplete evaluation splits**: built with `--skip-broken-eval-images`, so the val/test refs "
+            "above were left out for want of a usable image. Scores on these splits are not comparable with "
+            "published ones, which count every expression."
+        )
+    return text + "\n\n" + _images_text(report)
+
+
+def _images_text(report) -> str:
+    """How the stored images relate to the source files: PIL's decoding rule, warnings, orientation."""
+    warned = report.images.get("decoded_with_warnings") or []
+    turned = report.images.get("orientation_neutralised") or []
+    text = "Images: an image is kept iff PIL decodes it, as the refer toolkit, LAVT and CARIS load images."
+    if warned:
+        first = warned[0]
+        text += (
+            f" {len(warned):,} decode with a libjpeg warning (e.g. image {first['image_id']}: {first['warning']}); "
+            "PIL decodes them, so they are kept, bytes unchanged."
+        )
+    if turned:
+        text += (
+            f" {len(turned):,} carried an EXIF orientation tag: the stored bytes have it set to 1, the pixels untouched, "
+            "so `datasets` (which applies the tag) and PIL both show the stored pixel order the masks refer to."
+        )
+    return text
 
 
 def _mining_text(report) -> str:

@@ -12,12 +12,15 @@ These files are not part of any `datasets` config: the refs rows stay as small a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .files import inside
 
 DIRECTORY = "embeddings"
 IMAGES_FILE = f"{DIRECTORY}/images.parquet"
@@ -101,11 +104,12 @@ def read(folder: str | Path, config: str, sent_ids: list[int] | None = None) -> 
     """The embeddings a folder keeps for ``config`` (float32, unit norm; only ``sent_ids`` when given),
     or None when it keeps none."""
     folder = Path(folder)
-    if not (folder / IMAGES_FILE).is_file() or not (folder / sentences_file(config)).is_file():
+    if not os.path.lexists(folder / IMAGES_FILE) or not os.path.lexists(folder / sentences_file(config)):
         return None
-    (image_ids,), images = _read(folder / IMAGES_FILE, "image_id")
+    images_path, sentences_path = (inside(folder, name, "mining embeddings") for name in (IMAGES_FILE, sentences_file(config)))
+    (image_ids,), images = _read(images_path, "image_id")
     only = None if sent_ids is None else [("sent_id", "in", [int(i) for i in sent_ids])]
-    (sent_ids, sent_image_ids), sentences = _read(folder / sentences_file(config), "sent_id", "image_id", filters=only)
+    (sent_ids, sent_image_ids), sentences = _read(sentences_path, "sent_id", "image_id", filters=only)
     if images.shape[1] != sentences.shape[1]:
         raise ValueError(f"{folder}: {IMAGES_FILE} holds {images.shape[1]}-d embeddings, {sentences_file(config)} {sentences.shape[1]}-d")
     return MiningEmbeddings(image_ids.tolist(), images, sent_ids.tolist(), sent_image_ids.tolist(), sentences)

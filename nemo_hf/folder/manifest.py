@@ -15,8 +15,10 @@ from pathlib import Path
 from ..schema import DEFAULT_CONFIG, REFS_CONFIGS
 from . import embeddings
 from .card import PREVIEW_FILE
+from .files import inside
 
 MANIFEST = "nemo_hf.json"
+MAX_MANIFEST = 16 << 20  # a manifest names shards and counts: kilobytes; more is not one
 # data/<config>/<split>-00000-of-00001-<content hash>.parquet: the card lists the shards by name, and the
 # `datasets` cache keys a local folder on its card, so the hash makes every changed build new to it
 # (builds of nemo_hf 0.1.0 before the hash are earlier builds too)
@@ -35,6 +37,10 @@ class BuildReport:
     default_config: str = DEFAULT_CONFIG
     eval_images_excluded_from_pools: int = 0
     embeddings: dict = field(default_factory=dict)  # the mining embeddings kept beside the data (nemo_hf.folder.embeddings)
+    # the stored images: "decoded_with_warnings" [{image_id, file_name, warning}] (kept: PIL decodes them),
+    # "orientation_neutralised" [{image_id, file_name, orientation}] (EXIF/XMP orientation set to 1 in the bytes)
+    images: dict = field(default_factory=dict)
+    skip_broken_eval_images: bool = False  # built with val/test refs left out for want of a usable image
 
     @property
     def embedding_files(self) -> list[str]:
@@ -48,6 +54,10 @@ class BuildReport:
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "BuildReport":
         path = Path(folder) / MANIFEST
+        if os.path.lexists(path):  # a FIFO, a device, a directory or a link there is named, never read
+            inside(folder, MANIFEST, "build manifest")
+            if path.stat().st_size > MAX_MANIFEST:
+                raise ValueError(f"{path}: {path.stat().st_size >> 20} MiB, too large for a nemo_hf build manifest")
         if not path.is_file():
             if Path(folder).is_dir() and any(
                 (Path(folder) / REFS_CONFIGS[c].dataset / "instances.json").is_file() for c in REFS_CONFIGS
@@ -59,7 +69,7 @@ class BuildReport:
             raise FileNotFoundError(f"{path}: no build manifest; is {folder} a folder written by `nemo-hf build`?")
         try:
             report = cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as err:  # not JSON, not an object, or another format's keys
+        except (ValueError, TypeError, RecursionError) as err:  # not JSON (or too deep), not an object, other keys
             raise ValueError(f"{path}: not a nemo_hf build manifest ({err})") from None
         report._check_shards(path)
         return report

@@ -73,6 +73,65 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
+@dataclasses.dataclass
+class PushPlan:
+    """What a push uploads (paths in the repo; the card is rendered for the repo) and which remote files it
+    deletes: those under ``deletes_under`` that it does not upload, except ``keeps_under``."""
+
+    folder: Path
+    repo_id: str
+    files: list[str]
+    card: bytes
+    deletes_under: tuple[str, ...] = ("data/", "embeddings/")
+    keeps_under: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The dry run's listing: each file with its size, then the deletion rule (the remote is not read)."""
+        lines = [f"would upload to {self.repo_id} in one commit ({len(self.files) + 1} files):"]
+        total = len(self.card)
+        for name in self.files:
+            size = (self.folder / name).stat().st_size
+            total += size
+            lines.append(f"  {name}  ({_size(size)})")
+        lines.append(f"  README.md  ({_size(len(self.card))}, the dataset card rendered for {self.repo_id})")
+        lines.append(f"  total {_size(total)}")
+        kept = f", except under {', '.join(self.keeps_under)} (--no-images)" if self.keeps_under else ""
+        lines.append(f"would delete: every file already in {self.repo_id} under {', '.join(self.deletes_under)} "
+                     f"that is not uploaded above{kept} (a dry run does not read the remote)")
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def plan_push(folder: str | os.PathLike, repo_id: str, *, include_images: bool = True,
+              delete_remote_images: bool = False) -> PushPlan:
+    """Every check a push makes before its first call to the Hub (repo id, folder, files), and what it
+    would upload and delete. Needs no token and no network: ``nemo-hf push --dry-run`` prints it."""
+    folder = Path(folder)
+    if not REPO_ID.match(repo_id or "") or "--" in repo_id or ".." in repo_id:
+        raise PushError(f"{repo_id!r} is not a Hub repo id; expected USER/NAME (letters, digits, '-', '_', '.')")
+    report = check_folder(folder)
+    if not include_images:
+        report = dataclasses.replace(report, configs={k: v for k, v in report.configs.items() if k != IMAGES_CONFIG})
+        if not report.configs:
+            raise PushError(f"{folder}: holds no refs config, so --no-images would push nothing")
+    files = [MANIFEST] + [s for entry in report.configs.values() for split in entry["splits"].values() for s in split["shards"]]
+    files += [f for f in report.embedding_files if (folder / f).is_file()]
+    preview = (folder / PREVIEW_FILE).is_file()
+    if preview:
+        files.append(PREVIEW_FILE)
+    for name in files:
+        _inside(folder, name)
+    keeps = () if include_images or delete_remote_images else (f"data/{IMAGES_CONFIG}/",)
+    return PushPlan(folder, repo_id, files, render_card(report, repo=repo_id, preview=preview).encode(), keeps_under=keeps)
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -88,37 +147,24 @@ def push_folder(
 
     ``include_images=False`` pushes the refs configs alone (users bring their own COCO copy); image
     shards already in the repo stay there unless ``delete_remote_images``. Every check runs before the
-    first call to the Hub; a network failure is a PushError in one line.
+    first call to the Hub (``plan_push``); a network failure is a PushError in one line.
     """
-    folder = Path(folder)
     if not REPO_ID.match(repo_id or "") or "--" in repo_id or ".." in repo_id:
         raise PushError(f"{repo_id!r} is not a Hub repo id; expected USER/NAME (letters, digits, '-', '_', '.')")
     token = token or get_token()
     if not token:
         raise PushError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
-    report = check_folder(folder)
-    if not include_images:
-        report = dataclasses.replace(report, configs={k: v for k, v in report.configs.items() if k != IMAGES_CONFIG})
-        if not report.configs:
-            raise PushError(f"{folder}: holds no refs config, so --no-images would push nothing")
-
-    files = [MANIFEST] + [s for entry in report.configs.values() for split in entry["splits"].values() for s in split["shards"]]
-    files += [f for f in report.embedding_files if (folder / f).is_file()]
-    preview = (folder / PREVIEW_FILE).is_file()
-    if preview:
-        files.append(PREVIEW_FILE)
-    card = render_card(report, repo=repo_id, preview=preview).encode()
-    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(_inside(folder, f))) for f in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    plan = plan_push(folder, repo_id, include_images=include_images, delete_remote_images=delete_remote_images)
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(_inside(plan.folder, f))) for f in plan.files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=plan.card))
 
     api = api or HfApi()
     try:
         repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
-        pushed = set(files)
-        kept_images = include_images or delete_remote_images
+        pushed = set(plan.files)
         stale = [
             f for f in api.list_repo_files(repo_id, repo_type="dataset", token=token)
-            if f.startswith(("data/", "embeddings/")) and f not in pushed and (kept_images or not f.startswith(f"data/{IMAGES_CONFIG}/"))
+            if f.startswith(plan.deletes_under) and f not in pushed and not (plan.keeps_under and f.startswith(plan.keeps_under))
         ]
         operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="dataset", token=token)

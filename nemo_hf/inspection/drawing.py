@@ -8,8 +8,11 @@ from PIL import ImageDraw, ImageFont
 MASK_COLOUR = (255, 30, 60)
 MASK_ALPHA = 0.15  # light: the object's own colour stays readable ("person in green" must look green)
 CONTOUR_WIDTH = 2
+HALO_COLOUR = (0, 0, 0)  # under every outline: visible on any background
 TEXT_COLOUR = (20, 20, 20)
 NOTE_COLOUR = (120, 120, 120)
+
+
 def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -48,10 +51,20 @@ def mask_edge(mask: np.ndarray, width: int = CONTOUR_WIDTH) -> np.ndarray:
     return mask.astype(bool) & ~inner[width:-width, width:-width]
 
 
+def draw_outline(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
+    """``image`` (h, w, 3 uint8, changed in place and returned) with ``mask``'s contour in ``colour`` over a
+    one-pixel dark halo on both sides, so that a yellow outline stays visible on a yellow object."""
+    edge = mask_edge(mask)
+    halo = np.pad(edge, 1)
+    halo = halo[1:-1, 1:-1] | halo[:-2, 1:-1] | halo[2:, 1:-1] | halo[1:-1, :-2] | halo[1:-1, 2:]
+    image[halo & ~edge] = HALO_COLOUR
+    image[edge] = colour
+    return image
+
+
 def outline_mask(image: np.ndarray, mask: np.ndarray, colour=MASK_COLOUR, alpha: float = MASK_ALPHA) -> np.ndarray:
-    """``image`` (h, w, 3 uint8) with ``mask`` drawn as a contour over a light tint."""
+    """``image`` (h, w, 3 uint8) with ``mask`` drawn as a haloed contour over a light tint."""
     mask = mask.astype(bool)
     out = image.astype(np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * np.array(colour, np.float32)
-    out[mask_edge(mask)] = colour
-    return out.round().astype(np.uint8)
+    return draw_outline(out.round().astype(np.uint8), mask, colour)

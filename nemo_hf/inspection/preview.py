@@ -2,32 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..transforms.mosaic import NeMoMosaic
+from ..transforms.sampling import check_seed
 from .drawing import NOTE_COLOUR, TEXT_COLOUR, draw_lines, load_font, outline_mask, wrap_text
 
 BOX_COLOUR = (255, 220, 0)
 GRID_COLOUR = (255, 255, 255)
 MARGIN = 8
+BOX_GAP = 4  # the box lies this far outside the target's box: clear of the mask outline and its halo
 
 
 def _overlay(sample: Mapping, output_size: int) -> Image.Image:
+    """The mosaic with its cell lines, the box drawn just outside the mask's outline (on a rectangular
+    target the two would otherwise coincide and the box hide the outline), then the outline."""
     image = np.asarray(sample["image"].convert("RGB") if isinstance(sample["image"], Image.Image) else sample["image"])
-    picture = Image.fromarray(outline_mask(image, sample["mask"]))
+    picture = Image.fromarray(image)
     draw = ImageDraw.Draw(picture)
     if sample["target_quadrant"] >= 0:
-        half = output_size // 2
-        draw.line([(half, 0), (half, output_size)], fill=GRID_COLOUR, width=1)
-        draw.line([(0, half), (output_size, half)], fill=GRID_COLOUR, width=1)
+        cells = round(len(sample["tile_image_ids"]) ** 0.5)  # 2 or 3 per side
+        for k in range(1, cells):
+            at = k * output_size // cells
+            draw.line([(at, 0), (at, output_size)], fill=GRID_COLOUR, width=1)
+            draw.line([(0, at), (output_size, at)], fill=GRID_COLOUR, width=1)
     x, y, w, h = sample["bbox"]
     if w > 0 and h > 0:
-        draw.rectangle([x, y, x + w - 1, y + h - 1], outline=BOX_COLOUR, width=2)
-    return picture
+        gap = BOX_GAP
+        draw.rectangle([x - gap, y - gap, x + w - 1 + gap, y + h - 1 + gap], outline=BOX_COLOUR, width=2)
+    return Image.fromarray(outline_mask(np.asarray(picture), sample["mask"]))
 
 
 def _tiles(sample: Mapping, row: Mapping) -> str:
@@ -66,17 +73,25 @@ def render_preview(
     columns: int = 4,
     p: Mapping[str, float] | None = None,
     tile: str = "squash",
+    grid: int | str = 2,
+    pool: Sequence[int] | None = None,
 ) -> Image.Image:
     """A grid of ``n`` mosaics (training rows, drawn with ``seed``), the target mask tinted, its box outlined,
     the sentence and the mode/tiles/notes written under each.
 
-    ``p`` defaults to retrieval mosaics (unmined rows fall back to random mosaics, which the caption says).
+    ``p`` defaults to retrieval mosaics (unmined rows fall back to random mosaics, which the caption says);
+    ``grid``: tiles per side, as ``NeMoMosaic``'s; ``images`` and ``pool`` as ``NeMoMosaic``'s (a Mapping such as
+    `nemo_hf.folder.reading.FolderImages` needs the pool).
     """
+    seed = check_seed(seed)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer (how many mosaics), got {n!r}")
     rows = _pick_rows(refs_dataset, n, seed)
     if not rows:
         raise ValueError("no refs rows to preview")
     transform = NeMoMosaic(
-        images, output_size=output_size, p=p or {"retrieval": 1.0}, seed=seed, config=config, tile=tile
+        images, output_size=output_size, p=p or {"retrieval": 1.0}, seed=seed, config=config, tile=tile, grid=grid,
+        pool=pool,
     )
     batch = {key: [row[key] for row in rows] for key in rows[0]}
     out = transform(batch)

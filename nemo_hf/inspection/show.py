@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from ..folder import embeddings
-from ..masks import decode_mask
+from ..folder.reading import check_image_bytes, check_refs, images_for_check, open_shard, shard_paths
+from ..masks import check_image_size, decode_mask
 from ..schema import IMAGES_CONFIG, TRAIN_SPLIT
-from .drawing import NOTE_COLOUR, TEXT_COLOUR, draw_lines, load_font, mask_edge, outline_mask, wrap_text
+from ..transforms.images import DECODE_ERRORS
+from .drawing import NOTE_COLOUR, TEXT_COLOUR, draw_lines, draw_outline, load_font, outline_mask, wrap_text
 
 KEPT_FRAME = (0, 90, 255)  # a negative the build kept
 DROPPED_FRAME = (255, 0, 0)  # a candidate the filter dropped (show_all)
@@ -52,12 +54,10 @@ class Shown:
     tiles: dict[int, list[Tile]] = field(default_factory=dict)
 
 
-def _refs_shards(folder: Path, report, config: str) -> list[Path]:
-    return [folder / s for split in report.configs[config]["splits"].values() for s in split["shards"]]
-
-
-def _find_row(shards: list[Path], ref_id: int | None, sent_id: int | None) -> dict:
+def _find_row(shards: list[Path], ref_id: int | None, sent_id: int | None) -> pa.Table:
+    """The ref's row (a one-row table) from the checked shards."""
     for shard in shards:
+        open_shard(shard, "refs")
         if ref_id is not None:
             table = pq.read_table(shard, filters=[("ref_id", "=", int(ref_id))])
         else:
@@ -69,14 +69,16 @@ def _find_row(shards: list[Path], ref_id: int | None, sent_id: int | None) -> di
             parent = pc.list_parent_indices(sentences).to_numpy()[hits[0]]
             table = pq.read_table(shard, filters=[("ref_id", "=", ids["ref_id"][int(parent)].as_py())])
         if len(table):
-            return table.to_pylist()[0]
+            return table.slice(0, 1)
     raise ValueError(f"no ref with {'ref_id' if ref_id is not None else 'sent_id'} {ref_id if ref_id is not None else sent_id}")
 
 
 def _image_bytes(folder: Path, report, image_ids: set[int]) -> dict[int, bytes]:
     found = {}
-    for shard in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]:
-        table = pq.read_table(folder / shard, columns=["image_id", "image"], filters=[("image_id", "in", sorted(image_ids))])
+    for shard in shard_paths(folder, report, IMAGES_CONFIG):
+        open_shard(shard, IMAGES_CONFIG)
+        table = pq.read_table(shard, columns=["image_id", "image"], filters=[("image_id", "in", sorted(image_ids))])
+        check_image_bytes(table, str(shard))  # a row's path is never opened
         for image_id, image in zip(table["image_id"].to_pylist(), table["image"].to_pylist()):
             found[image_id] = image["bytes"]
     return found
@@ -85,8 +87,8 @@ def _image_bytes(folder: Path, report, image_ids: set[int]) -> dict[int, bytes]:
 def _same_category(folder: Path, report, shards: list[Path], row: dict) -> tuple[list[dict], str]:
     """The image's other objects of the row's category: every COCO instance from the images config's
     ``objects`` column, or (a folder built before it) the other referred objects; and which of the two."""
-    images = [folder / s for s in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]]
-    if "objects" in pq.read_schema(images[0]).names:
+    images = shard_paths(folder, report, IMAGES_CONFIG)
+    if "objects" in open_shard(images[0], IMAGES_CONFIG).schema_arrow.names:
         objects = pa.concat_tables(
             pq.read_table(s, columns=["objects"], filters=[("image_id", "=", row["image_id"])]) for s in images
         )["objects"].to_pylist()
@@ -99,18 +101,23 @@ def _same_category(folder: Path, report, shards: list[Path], row: dict) -> tuple
     return [r for r in same if r["category_id"] == row["category_id"] and r["ann_id"] != row["ann_id"]], "referred"
 
 
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+def _decode(data: bytes, image_id: int) -> Image.Image:
+    """The image's pixels; one larger than a build accepts (masks.MAX_SIDE) is refused from its header."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            check_image_size(image.height, image.width, f"image {image_id}")
+            return image.convert("RGB")
+    except DECODE_ERRORS as err:  # a MaskFormatError (too large) is a ValueError
+        raise ValueError(f"image {image_id} cannot be shown: {err}") from None
 
 
-def _thumbnail(data: bytes | None, side: int, frame: tuple[int, int, int]) -> Image.Image:
+def _thumbnail(data: bytes | None, image_id: int, side: int, frame: tuple[int, int, int]) -> Image.Image:
     """The image letterboxed into ``side`` x ``side`` on white, framed ``FRAME`` pixels in ``frame``."""
     tile = Image.new("RGB", (side, side), frame)
     inner = side - 2 * FRAME
     canvas = Image.new("RGB", (inner, inner), "white")
     if data is not None:
-        image = _decode(data)
+        image = _decode(data, image_id)
         image.thumbnail((inner, inner))
         canvas.paste(image, ((inner - image.width) // 2, (inner - image.height) // 2))
     tile.paste(canvas, (FRAME, FRAME))
@@ -166,8 +173,10 @@ def show_ref(
     if config not in report.configs or config == IMAGES_CONFIG:
         known = ", ".join(c for c in report.configs if c != IMAGES_CONFIG)
         raise ValueError(f"{folder}: no refs config {config!r} in this folder (it has {known})")
-    shards = _refs_shards(folder, report, config)
-    row = _find_row(shards, ref_id, sent_id)
+    shards = shard_paths(folder, report, config)
+    found = _find_row(shards, ref_id, sent_id)
+    check_refs(found, images_for_check(folder, report), f"{folder} ({config})")
+    row = found.to_pylist()[0]
     mining = report.configs[config].get("mining")
     indices = [i for i, s in enumerate(row["sentences"]) if sent_id is None or s["sent_id"] == int(sent_id)]
     mined = bool(mining) and row["split"] == TRAIN_SPLIT  # eval rows keep one empty list per sentence
@@ -181,19 +190,21 @@ def show_ref(
     if row["image_id"] not in images:
         raise ValueError(f"{folder}: image {row['image_id']} of ref {row['ref_id']} is not in the images config")
 
-    picture = np.asarray(_decode(images[row["image_id"]]))
+    picture = np.asarray(_decode(images[row["image_id"]], row["image_id"]))
     for other in others:
-        picture = picture.copy()
-        picture[mask_edge(decode_mask(other))] = OTHER_COLOUR
+        picture = draw_outline(picture.copy(), decode_mask(other), OTHER_COLOUR)
     target = Image.fromarray(outline_mask(picture, decode_mask(row)))
     target.thumbnail((size, size))
 
     lines = [
         f"ref {row['ref_id']} | ann {row['ann_id']} | image {row['image_id']} | {row['category']} | split {row['split']}",
-        f"other {which} {row['category']} objects in this image: {len(others)}" + (" (outlined in yellow)" if others else ""),
+        f"target outlined in red; other {which} {row['category']} objects in this image: {len(others)}"
+        + (" (outlined in yellow)" if others else ""),
     ]
     if mining:
         lines.append(f"mining: {mining['mode']} tau {mining['tau']} = {float(mining['tau_cosine']):.4f}, top_k {mining['top_k']}")
+        if mined:
+            lines.append("thumbnails: each sentence's negatives, framed in blue" + (", red: dropped by tau" if show_all else ""))
     font, small = load_font(15), load_font(11)
     width = max(size, per_row * (thumb + MARGIN)) + 2 * MARGIN
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -234,7 +245,7 @@ def show_ref(
         for k, (image_id, t2i, i2i, dropped) in enumerate(cands):
             x0 = MARGIN + (k % per_row) * (thumb + MARGIN)
             y0 = y + (k // per_row) * (thumb + caption_h + MARGIN)
-            sheet.paste(_thumbnail(images.get(image_id), thumb, DROPPED_FRAME if dropped else KEPT_FRAME), (x0, y0))
+            sheet.paste(_thumbnail(images.get(image_id), image_id, thumb, DROPPED_FRAME if dropped else KEPT_FRAME), (x0, y0))
             caption = [f"#{image_id}", f"t2i {t2i:.3f}", "i2i " + ("n/a" if i2i is None else f"{i2i:.3f}")]
             if dropped:
                 caption[0] += " dropped"

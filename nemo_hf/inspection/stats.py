@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..folder import embeddings
+from ..folder.reading import read_shards, shard_paths
 from ..schema import IMAGES_CONFIG
 
 NEGATIVE_COLUMNS = ("sentences", "negatives", "negative_scores", "negative_fallback")
@@ -150,8 +149,8 @@ class Similarity:
 def write_stats(refs_dataset, out_png: str | Path, similarity: Similarity | None = None, unmined: str | None = None) -> str:
     """Compute the stats, draw the plots to ``out_png``, return the text report.
 
-    Panels: the similarity tau bounds with tau as a vertical line (when ``similarity`` is given), the
-    chosen negatives' t2i cosines, the pool size per sentence. The PNG's ``nemo_hf`` text chunk gives the
+    Panels: the similarity tau bounds with tau as a vertical line and a zoom on the pairs near it (when
+    ``similarity`` is given), the chosen negatives' t2i cosines, the negatives kept per sentence. The PNG's ``nemo_hf`` text chunk gives the
     tau panel's pixel box and x range, so a reader (or a test) can map the line back to a cosine.
     """
     import matplotlib
@@ -162,22 +161,20 @@ def write_stats(refs_dataset, out_png: str | Path, similarity: Similarity | None
 
     cols = _negative_columns(refs_dataset)
     stats = _stats(cols)
-    panels = 3 if similarity is not None else 2
+    panels = 4 if similarity is not None else 2
     figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), dpi=100)
     tau_axes = axes[0] if similarity is not None else None
     left, right = axes[-2], axes[-1]
     if similarity is not None:
         _draw_similarity(tau_axes, similarity)
+        _draw_tau_zoom(axes[1], similarity)
     scores, from_fallback = cols["scores"], cols["score_fallback"]
     if scores.size:
         bins = np.linspace(scores.min(), scores.max() + 1e-6, 60)
-        left.hist(
-            [scores[~from_fallback], scores[from_fallback]],
-            bins=bins,
-            stacked=True,
-            label=["chosen", "fallback"],
-            color=["tab:blue", "tab:red"],
-        )
+        series = [(scores[~from_fallback], "chosen", "tab:blue"), (scores[from_fallback], "fallback", "tab:red")]
+        series = [s for s in series if s[0].size]  # no empty "fallback" entry in the legend
+        left.hist([s[0] for s in series], bins=bins, stacked=True, label=[s[1] for s in series],
+                  color=[s[2] for s in series])
         left.legend()
         sizes = list(stats["pool_size_counts"])
         right.bar(sizes, list(stats["pool_size_counts"].values()), color="tab:green", width=0.8)
@@ -188,7 +185,7 @@ def write_stats(refs_dataset, out_png: str | Path, similarity: Similarity | None
     else:
         left.text(0.5, 0.5, unmined or "no mined negatives", ha="center", va="center", transform=left.transAxes, wrap=True)
     left.set(title="t2i cosine of chosen negatives", xlabel="cosine", ylabel="negatives")
-    right.set(title="pool size per sentence", xlabel="negatives kept", ylabel="sentences")
+    right.set(title="negatives kept per sentence", xlabel="negatives kept", ylabel="sentences")
     if unmined:
         figure.suptitle(unmined)
     else:
@@ -219,7 +216,7 @@ def _draw_similarity(ax, sim: Similarity) -> None:
         return
     taus = [sim.tau] + ([sim.preview] if sim.preview is not None else [])
     low, high = min(sim.values.min(), *taus), max(sim.values.max(), *taus)
-    pad = 0.02 * (high - low or 1.0)
+    pad = 0.06 * (high - low or 1.0)  # tau never on the frame
     ax.hist(sim.values, bins=np.linspace(low, high + 1e-6, 80), color="tab:gray")
     ax.set_xlim(low - pad, high + pad)
     lines = [(sim.tau, sim.tau_spec, TAU_COLOUR, "build")]
@@ -229,6 +226,21 @@ def _draw_similarity(ax, sim: Similarity) -> None:
         label = f"{name} tau {spec} = {value:.4f}: drops {100 * sim.dropped(value):.2f}%"
         ax.axvline(value, color=colour, linewidth=2, antialiased=False, label=label)
     ax.legend(fontsize=8, loc="upper left")
+
+
+def _draw_tau_zoom(ax, sim: Similarity) -> None:
+    """The pairs near tau: the most similar 10% and every tau, so the line is read against the bins it cuts."""
+    taus = [sim.tau] + ([sim.preview] if sim.preview is not None else [])
+    ax.set(title="zoom: the most similar 10% of pairs", xlabel="cosine", ylabel="pairs")
+    if not sim.values.size:
+        return
+    low = min(float(np.percentile(sim.values, 90)), *taus)
+    high = max(float(sim.values.max()), *taus)
+    pad = 0.06 * (high - low or 1e-3)
+    ax.hist(sim.values[sim.values >= low], bins=np.linspace(low, high + 1e-6, 40), color="tab:gray")
+    ax.set_xlim(low - pad, high + pad)
+    for value, colour in zip(taus, (TAU_COLOUR, PREVIEW_COLOUR)):
+        ax.axvline(value, color=colour, linewidth=2)
 
 
 def similarity_report(sim: Similarity) -> str:
@@ -254,14 +266,19 @@ def folder_stats(
     tau: float | str | None = None,
     sample: int = 500,
     seed: int = 0,
+    json_out: str | Path | None = None,
 ) -> str:
     """``write_stats`` on a built folder's ``config``/``split``, with the similarity tau bounds drawn from the
     embeddings the folder keeps; ``tau`` previews another bound (a cosine or ``"p<q>"``) without rebuilding.
-    Returns the text report."""
+    Returns the text report; ``json_out`` also writes the numbers as JSON there."""
     from datasets import Dataset
 
     from ..folder.manifest import BuildReport
+    from ..transforms.sampling import check_seed
 
+    seed = check_seed(seed)
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise ValueError(f"sample must be a positive integer (sentences drawn for the tau bounds), got {sample!r}")
     folder = Path(folder)
     report = BuildReport.read(folder)
     if config not in report.configs or config == IMAGES_CONFIG:
@@ -269,13 +286,15 @@ def folder_stats(
         raise ValueError(f"{folder}: no refs config {config!r} in this folder (it has {known})")
     if split not in report.configs[config]["splits"]:
         raise ValueError(f"{folder}: {config} has no split {split!r} (it has {', '.join(report.configs[config]['splits'])})")
-    shards = [folder / shard for shard in report.configs[config]["splits"][split]["shards"]]
-    refs = Dataset(pa.concat_tables(pq.read_table(shard, columns=list(NEGATIVE_COLUMNS)) for shard in shards))
+    refs = Dataset(read_shards(shard_paths(folder, report, config, split), "refs", list(NEGATIVE_COLUMNS)))
     mining = report.configs[config].get("mining")
     if not mining:
         if tau is not None:
             raise ValueError(f"{folder}: {config} was built with --no-mining: there is no tau to preview")
-        return write_stats(refs, out_png, unmined=f"{config} was built with --no-mining: it has no negatives")
+        text = write_stats(refs, out_png, unmined=f"{config} was built with --no-mining: it has no negatives")
+        _write_json(json_out, {"folder": str(folder), "config": config, "split": split, "mined": False,
+                               **_stats(_negative_columns(refs))})
+        return text
     similarity = None
     kept = embeddings.read(folder, config)
     if kept is None:
@@ -284,17 +303,39 @@ def folder_stats(
     else:
         pool = negative_pool(folder, report, config)
         similarity = _similarity(kept, pool, mining, tau, sample, seed)
-    return write_stats(refs, out_png, similarity)
+    text = write_stats(refs, out_png, similarity)
+    from ..mining.refs import shortfall_note
+
+    cols = _negative_columns(refs)
+    sizes = cols["sizes"] if split == "train" else np.zeros(0, np.int64)
+    note = shortfall_note(sizes, int(mining["top_k"]), int(mining["pool_size"]), float(mining["tau_cosine"])) if sizes.size else None
+    numbers = {"folder": str(folder), "config": config, "split": split, "mined": True, "top_k": int(mining["top_k"]),
+               "pool_images": int(mining["pool_size"]), **_stats(cols), "shortfall": note}
+    if similarity is not None:
+        numbers["similarity"] = {
+            "mode": similarity.mode, "sampled_sentences": similarity.sentences,
+            "pairs": _summary(similarity.values.astype(np.float64)),
+            "build_tau": {"spec": similarity.tau_spec, "cosine": similarity.tau, "drops": similarity.dropped(similarity.tau)},
+        }
+        if similarity.preview is not None:
+            numbers["similarity"]["preview_tau"] = {"spec": similarity.preview_spec, "cosine": float(similarity.preview),
+                                                    "drops": similarity.dropped(similarity.preview)}
+    _write_json(json_out, numbers)
+    return f"{text}\n{note}" if note else text
+
+
+def _write_json(path: str | Path | None, numbers: dict) -> None:
+    if path is not None:
+        Path(path).write_text(json.dumps(numbers, indent=2, default=float) + "\n")
 
 
 def negative_pool(folder: Path, report, config: str) -> np.ndarray:
     """Image ids of ``config``'s negative pool (the images config's ``negative_pool_of``)."""
-    ids = []
-    for shard in report.configs[IMAGES_CONFIG]["splits"]["train"]["shards"]:
-        table = pq.read_table(folder / shard, columns=["image_id", "negative_pool_of"])
-        member = [config in pools for pools in table["negative_pool_of"].to_pylist()]
-        ids.append(table["image_id"].to_numpy()[np.asarray(member, dtype=bool)])
-    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    table = read_shards(shard_paths(folder, report, IMAGES_CONFIG), IMAGES_CONFIG, ["image_id", "negative_pool_of"])
+    if "negative_pool_of" not in table.column_names:
+        return np.zeros(0, np.int64)
+    member = [config in (pools or ()) for pools in table["negative_pool_of"].to_pylist()]
+    return np.unique(table["image_id"].to_numpy()[np.asarray(member, dtype=bool)])
 
 
 def _similarity(kept, pool_ids, mining: dict, tau, sample: int, seed: int) -> Similarity:

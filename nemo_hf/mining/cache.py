@@ -1,8 +1,9 @@
 """The on-disk embedding cache.
 
 It is keyed by everything that changes the embeddings (model identity, dtype, preprocessing, nemo_hf version)
-and then per image id and content (bytes' digest, or file size and modification time), or per sentence id
-and text; it is written in chunks, each atomically, so an interrupted run resumes where it stopped.
+and then per image id and content (bytes' digest, or a file's size, modification and change times), or per
+sentence id and text; it is written in chunks, each atomically, so an interrupted run resumes where it stopped.
+Each chunk carries its key's digest, checked on read: a chunk copied into another model's cache is not used.
 Image embeddings can also come as a memory-mapped ``.npy`` matrix filled from the cache chunk by chunk,
 for pools too large to hold in RAM.
 """
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..folder.files import is_regular_file
+
 # what np.load(allow_pickle=False) raises on a damaged, truncated or hostile .npz (a header declaring a huge array)
 UNREADABLE_NPZ = (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile)
+CHUNK_FORMAT = 2  # 2: each chunk stamped with its cache key's digest
 
 
 class EmbeddingCache:
@@ -34,12 +38,14 @@ class EmbeddingCache:
     """
 
     def __init__(self, directory: str | Path, meta: dict):
+        meta = {"format": CHUNK_FORMAT, **meta}
+        self.key = key_digest(meta)
         self.directory = cache_directory(directory, meta)
 
     @classmethod
     def for_kind(cls, cache_dir: str | Path, kind: str, meta: dict) -> EmbeddingCache:
         """The cache of ``kind`` ("image" or "text") embeddings under ``meta``, a folder of ``cache_dir``."""
-        return cls(Path(cache_dir) / f"{kind}-{key_digest(meta)}", meta)
+        return cls(Path(cache_dir) / f"{kind}-{key_digest({'format': CHUNK_FORMAT, **meta})}", meta)
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.directory)!r})"
@@ -59,8 +65,9 @@ class EmbeddingCache:
         return present
 
     def matrix_path(self, keys: Sequence[str]) -> Path:
-        """Where ``write_matrix`` puts the matrix of ``keys``: named by their ordered list, which finds it again."""
-        digest = hashlib.sha256()
+        """Where ``write_matrix`` puts the matrix of ``keys``: named by their ordered list and the cache key,
+        which finds it again (and not a matrix copied from another cache)."""
+        digest = hashlib.sha256(self.key.encode() + b"\0")
         for key in keys:
             digest.update(key.encode() + b"\0")
         return self.directory / f"matrix-{digest.hexdigest()[:20]}.npy"
@@ -115,8 +122,13 @@ class EmbeddingCache:
         """Each readable chunk's keys and (``vectors``) vectors, in file-name order; one that cannot be read
         is dropped with a warning (class docstring), so its embeddings count as missing."""
         for chunk in sorted(self.directory.glob("chunk-*.npz")):
+            if not is_regular_file(chunk, follow_symlinks=False):  # a FIFO or /dev/zero would block or fill memory
+                warnings.warn(f"embedding cache: {chunk} is not a regular file; ignored (not removed)")
+                continue
             try:
                 with np.load(chunk, allow_pickle=False) as data:
+                    if str(data["key"]) != self.key:
+                        raise ValueError(f"written under another cache key ({data['key']}, not {self.key})")
                     keys = data["keys"]
                     found = data["vectors"] if vectors else None
                 if keys.ndim != 1 or found is not None and (found.ndim != 2 or len(keys) != len(found)):
@@ -131,7 +143,8 @@ class EmbeddingCache:
         if not len(keys):
             return
         buffer = io.BytesIO()
-        np.savez(buffer, keys=np.asarray(keys, dtype=str), vectors=np.asarray(vectors, dtype=np.float32))
+        np.savez(buffer, key=np.asarray(self.key), keys=np.asarray(keys, dtype=str),
+                 vectors=np.asarray(vectors, dtype=np.float32))
         atomic_write(self.directory / f"chunk-{uuid.uuid4().hex}.npz", buffer.getvalue())
 
 
@@ -208,15 +221,17 @@ def read_matrix(path: Path, shape: tuple[int, int]) -> np.memmap | None:
 
 def image_key(image_id: int, source) -> str:
     """An image's cache key: its id and what identifies its content (encoded bytes: their digest; a file: its
-    size and modification time). An id alone is not content: another source, or a replaced file, may use it
-    for another image, whose negatives would then be mined from the old image's embedding."""
+    size, modification and change times). An id alone is not content: another source, or a replaced file, may
+    use it for another image, whose negatives would then be mined from the old image's embedding. The change
+    time (which no copy, ``touch`` or archive can set back) catches a file replaced by one of the same size
+    with its modification time restored (``cp -p``, ``rsync -a``, ``tar x``), without reading every file."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"{image_id}:{hashlib.sha256(source).hexdigest()[:16]}"
     try:
         status = os.stat(source)
     except OSError:
         return f"{image_id}:unreadable"  # embedding it raises the error that names the image
-    return f"{image_id}:{status.st_size}:{status.st_mtime_ns}"
+    return f"{image_id}:{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}"
 
 
 def text_key(sent_id: int, text: str) -> str:

@@ -7,13 +7,14 @@ Embeddings are L2-normalised float32.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,58 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 _LOG = logging.getLogger(__name__)
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+OFFLINE_HINT = (
+    "Without network the model must already be in the Hugging Face cache (HF_HUB_OFFLINE=1 uses the cache "
+    "with no network call), or point at a local checkpoint directory holding the weights, config and "
+    'processor files: model="/path/to/clip" in Python, --model /path/to/clip on the command line'
+)
+
+
 class ModelLoadError(OSError):
     """The embedding model could not be loaded; the message says how to point at one."""
 
 
-class ImageFiles(Dataset):
-    """Decodes and preprocesses images in DataLoader workers; errors name the image."""
+def hub_access(name: str, revision: str | None = None) -> dict:
+    """``from_pretrained``'s extra arguments for a model after one quick look at the Hub.
 
-    def __init__(self, items: Sequence[tuple[int, str | Path | bytes]], image_processor):
-        self.items, self.image_processor = items, image_processor
+    Nothing for a local directory or when the Hub answers; ``local_files_only=True`` under HF_HUB_OFFLINE
+    or when the Hub cannot be reached (one attempt of at most ``HUB_PROBE_TIMEOUT_S``): the cache serves,
+    or the load fails at once, instead of huggingface_hub's retries (about 25 s a file, several files).
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if Path(name).is_dir():
+        return {}
+    if constants.HF_HUB_OFFLINE:
+        return {"local_files_only": True}
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), timeout=HUB_PROBE_TIMEOUT_S)
+    except HfHubHTTPError as err:  # the Hub answered: not found and gated say so at once, a 5xx is down
+        status = getattr(err.response, "status_code", 0) if err.response is not None else 0
+        if status >= 500:
+            _LOG.warning("the Hub answered %s: loading %s from the cache only", status, name)
+            return {"local_files_only": True}
+    except ValueError:  # not a repo id (a path that does not exist): from_pretrained says so itself
+        pass
+    except Exception as err:  # no route, refused, timed out, no DNS (the HTTP client's own error classes)
+        _LOG.warning("the Hub is unreachable (%s: %s): loading %s from the cache only", type(err).__name__, err, name)
+        return {"local_files_only": True}
+    return {}
+
+
+class ImageFiles(Dataset):
+    """Decodes (as PIL does: an image PIL decodes is an image, libjpeg warnings and all) and preprocesses
+    images in DataLoader workers; errors name the image.
+
+    ``sizes``: image id -> the (width, height) its rows were made for. An image that decodes to another
+    size (its file replaced after the build checked it) is an error, never an embedding of other pixels.
+    """
+
+    def __init__(self, items: Sequence[tuple[int, str | Path | bytes]], image_processor,
+                 sizes: Mapping[int, tuple[int, int]] | None = None):
+        self.items, self.image_processor, self.sizes = items, image_processor, sizes or {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -51,12 +95,28 @@ class ImageFiles(Dataset):
                 rgb = to_8bit(image)  # stored pixel order: EXIF orientation is not applied
         except (OSError, ValueError, SyntaxError) as err:
             raise ValueError(f"image {image_id}: cannot decode {where}: {err}") from err
+        expected = self.sizes.get(image_id)
+        if expected is not None and rgb.size != tuple(expected):
+            raise ValueError(
+                f"image {image_id}: {where} is {rgb.size[0]}x{rgb.size[1]}, but its rows were made for "
+                f"{expected[0]}x{expected[1]}: the file changed after it was checked; run the build again"
+            )
         pixels = self.image_processor(images=rgb, return_tensors="np")["pixel_values"][0]
         return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def _worker_init(_: int) -> None:
+    import signal
+
     torch.set_num_threads(1)  # a decode worker must not spawn a thread pool of its own
+    parent = os.getppid()
+
+    def interrupt_the_parent(signum, frame) -> None:
+        """Ctrl-C here stops the whole run: the parent stops and shuts its workers down, this one included."""
+        if os.getppid() == parent:  # not a process that adopted this one after the parent died
+            os.kill(parent, signal.SIGINT)
+
+    signal.signal(signal.SIGINT, interrupt_the_parent)
 
 
 def available_cores() -> int:
@@ -132,16 +192,13 @@ class Embedder:
 
         local = Path(model_id_or_path).expanduser()
         name = str(local) if local.is_dir() else str(model_id_or_path)
+        access = hub_access(name, revision)
         try:
-            model = AutoModel.from_pretrained(name, revision=revision)
-            processor = AutoProcessor.from_pretrained(name, revision=revision)
+            model = AutoModel.from_pretrained(name, revision=revision, **access)
+            processor = AutoProcessor.from_pretrained(name, revision=revision, **access)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(
-                f"cannot load embedding model {name!r}: {err}\n"
-                "Without network the model must already be in the Hugging Face cache (set HF_HUB_OFFLINE=1 "
-                "to use the cache without network calls), or point at a local checkpoint directory "
-                "holding the weights, config and processor files: --model /path/to/clip"
-            ) from err
+            said = (str(err).strip().splitlines() or [type(err).__name__])[0]  # transformers adds a docs link
+            raise ModelLoadError(f"cannot load embedding model {name!r}: {said} {OFFLINE_HINT}") from err
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise ModelLoadError(f"{name!r}: its processor lacks an image processor or a tokenizer")
         identity = checkpoint_identity(name, revision)
@@ -179,14 +236,17 @@ class Embedder:
         images: Sequence[tuple[int, str | Path | bytes]],
         cache_dir: str | Path | None = None,
         memory_map: bool = False,
+        sizes: Mapping[int, tuple[int, int]] | None = None,
     ) -> np.ndarray:
         """(n, dim) float32 for ``(image_id, file path or encoded bytes)`` pairs, in their order.
+
+        ``sizes``: image id -> the (width, height) the caller expects (``ImageFiles``); checked on decoding.
 
         ``memory_map``: a read-only ``np.memmap`` of a ``.npy`` file in the cache (``cache_dir`` needed)
         instead of an array in RAM, for pools whose embeddings would not fit there (10M images x 512
         dims: 20 GB). The same call again maps the same file without rewriting it.
         """
-        kind, keys, items, batches = self._image_job(images)
+        kind, keys, items, batches = self._image_job(images, sizes)
         if not memory_map:
             return self._embed(kind, keys, items, batches, cache_dir)
         if cache_dir is None:
@@ -209,6 +269,7 @@ class Embedder:
         texts: Sequence[tuple[int, str]],
         cache_dir: str | Path,
         ranks,
+        image_sizes: Mapping[int, tuple[int, int]] | None = None,
     ) -> dict[str, int]:
         """Under several processes: this rank's share of the ``images`` and ``texts`` that ``cache_dir``
         lacks, embedded into it. Returns how many of each kind this rank embedded.
@@ -220,7 +281,7 @@ class Embedder:
         read everything from it.
         """
         embedded = {}
-        for kind, keys, items, batches in (self._image_job(images), self._text_job(texts)):
+        for kind, keys, items, batches in (self._image_job(images, image_sizes), self._text_job(texts)):
             cache = self._open_cache(kind, cache_dir)
             present = cache.keys()
             ranks.barrier(f"listing the {kind} embedding cache")
@@ -234,9 +295,10 @@ class Embedder:
             embedded[kind] = len(mine)
         return embedded
 
-    def _image_job(self, images) -> tuple[str, list[str], list, Callable]:
+    def _image_job(self, images, sizes=None) -> tuple[str, list[str], list, Callable]:
         items = [(int(image_id), source) for image_id, source in images]
-        return "image", [image_key(i, source) for i, source in items], items, self._image_batches
+        batches = functools.partial(self._image_batches, sizes=sizes)
+        return "image", [image_key(i, source) for i, source in items], items, batches
 
     def _text_job(self, texts) -> tuple[str, list[str], list, Callable]:
         items = [(int(sent_id), str(text)) for sent_id, text in texts]
@@ -272,9 +334,9 @@ class Embedder:
         finally:
             torch.set_num_threads(before)
 
-    def _image_batches(self, items: list, indices: list[int]) -> Iterator[tuple[list[int], np.ndarray]]:
+    def _image_batches(self, items: list, indices: list[int], sizes=None) -> Iterator[tuple[list[int], np.ndarray]]:
         loader = DataLoader(
-            ImageFiles(items, self.image_processor),
+            ImageFiles(items, self.image_processor, sizes),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             worker_init_fn=_worker_init if self.num_workers else None,

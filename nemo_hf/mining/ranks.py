@@ -1,11 +1,14 @@
 """Mining on several processes (``torchrun``, ``accelerate launch``; one node or many).
 
-A launcher sets ``WORLD_SIZE``/``RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``); each rank then embeds
+A launcher sets ``WORLD_SIZE``/``RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``), checked before any connection
+(a ``RANK`` outside ``0..WORLD_SIZE-1`` is named at once, not waited on); each rank then embeds
 its share of what the shared embedding cache lacks, and rank 0 alone selects the negatives and writes
 the folder. Ranks meet only at a few barriers, on a gloo group whatever the device (NCCL cannot say
 which rank is missing): a rank that died is named there, within ``NEMO_HF_DIST_TIMEOUT`` seconds
 (default 1800; a killed process is usually seen at once, through its closed connections) instead of
-the job hanging until the launcher's or NCCL's own timeout. torch is imported only when ranks meet.
+the job hanging until the launcher's or NCCL's own timeout. The first meeting (every rank joining) waits
+as long and no longer: ``WORLD_SIZE=2`` with one process started fails, naming both variables.
+torch is imported only when ranks meet.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ class RankFailure(RuntimeError):
 
 def launched() -> bool:
     """Whether a launcher started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return _env_int("WORLD_SIZE", 1) > 1
+    world = _env_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world} is not a number of processes (>= 1; unset it to run one process)")
+    return world > 1
 
 
 def local_processes() -> int:
@@ -135,6 +141,30 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def _launch_env() -> tuple[int, int, int]:
+    """``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as the launcher set them, each checked against the others
+    (a rank outside the world would wait forever for ranks that never come); ``MASTER_ADDR``/``MASTER_PORT``
+    present. ValueError naming the variable otherwise."""
+    world = _env_int("WORLD_SIZE", 1)
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks with a launcher "
+                         "(torchrun, accelerate launch), or unset WORLD_SIZE to run one process")  # fmt: skip
+    rank = _env_int("RANK", 0)
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world}): each process takes one rank "
+                         "of 0..WORLD_SIZE-1")  # fmt: skip
+    port = _env_int("MASTER_PORT", 0)
+    if not 0 < port < 2**16:
+        raise ValueError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    name, local_world = ("LOCAL_WORLD_SIZE", local_processes()) if os.environ.get("LOCAL_WORLD_SIZE") else ("WORLD_SIZE", world)
+    if not 0 <= local_rank < local_world:
+        raise ValueError(f"LOCAL_RANK={local_rank} is outside 0..{local_world - 1} ({name}={local_world}): it numbers "
+                         "the processes on this node from 0")  # fmt: skip
+    return rank, world, local_rank
+
+
 def _timeout() -> datetime.timedelta:
     raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
@@ -157,10 +187,22 @@ def launched_ranks() -> Iterator[Ranks]:
     timeout = _timeout()
     created = not dist.is_initialized()
     if created:
+        rank, world, local_rank = _launch_env()
         on_gpu = torch.cuda.is_available()
         if on_gpu:
-            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=max(timeout, datetime.timedelta(minutes=30)))
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                                 "start at most one process per GPU")  # fmt: skip
+            torch.cuda.set_device(local_rank)
+        try:  # the rendezvous waits for every rank at most the timeout (NCCL's own collectives are not used)
+            dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout)
+        except (RuntimeError, ValueError) as err:  # torch's DistError is a RuntimeError
+            raise RankFailure(
+                f"rank {rank} of {world}: not all WORLD_SIZE={world} ranks met at MASTER_ADDR:MASTER_PORT "
+                f"({os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}) within {timeout.total_seconds():.0f} s "
+                f"({TIMEOUT_ENV}; {_first_line(err)}): start one process per RANK 0..{world - 1} (torchrun does), "
+                "or unset WORLD_SIZE to run one process"
+            ) from None
     group = dist.new_group(backend="gloo", timeout=timeout)
     main_group = dist.new_group(backend="gloo", timeout=_MAIN_WAIT)
     ranks = Ranks(dist.get_rank(), dist.get_world_size(), group, main_group, timeout)

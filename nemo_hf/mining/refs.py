@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 
 from .. import __version__
 from .negatives import MiningParams, select_negatives
+
+_LOG = logging.getLogger(__name__)
 
 
 class RefNegatives(NamedTuple):
@@ -71,6 +74,7 @@ def mine_refs(
     embedder,
     params: MiningParams = MiningParams(),
     cache_dir: str | Path | None = None,
+    image_sizes: Mapping[int, tuple[int, int]] | None = None,
 ) -> tuple[dict[int, RefNegatives], dict]:
     """Mine negatives for one config's training refs.
 
@@ -78,7 +82,8 @@ def mine_refs(
     ``image_files``: image id -> file path or encoded bytes, for every pool image and every ref's own
     image (own images may lie outside the pool, e.g. google splits). ``embedder``: an
     ``nemo_hf.mining.embed.Embedder``. ``cache_dir``: its embedding cache; with an approximate ``params.index``
-    the image embeddings are memory-mapped from a matrix file there. Returns ref_id -> ``RefNegatives``
+    the image embeddings are memory-mapped from a matrix file there. ``image_sizes``: image id -> the
+    (width, height) its rows were made for; an image that decodes to another size is an error. Returns ref_id -> ``RefNegatives``
     (negatives as image ids) and the provenance dict for the build manifest: everything the result
     depends on (model identity, embedding dtype and preprocessing, the params, the resolved tau) and
     its counts.
@@ -88,18 +93,22 @@ def mine_refs(
     # An approximate index reads the pool from a memory-mapped file (millions of images need not fit in RAM);
     # the exact search scores every image against every sentence, so it holds them in RAM anyway.
     memory_map = params.index != "flat" and cache_dir is not None
-    image_emb = embedder.embed_images(inputs.images(image_files), cache_dir=cache_dir, memory_map=memory_map)
+    image_emb = embedder.embed_images(
+        inputs.images(image_files), cache_dir=cache_dir, memory_map=memory_map, sizes=image_sizes
+    )
     text_emb = embedder.embed_texts(inputs.sentences(), cache_dir=cache_dir)
     text_image_row = np.searchsorted(image_ids, inputs.own_image_ids)
     pool_rows = np.searchsorted(image_ids, pool_ids)
     selection = select_negatives(text_emb, text_image_row, image_emb, pool_rows, params)
 
     columns: dict[int, RefNegatives] = {}
+    kept = np.zeros(len(inputs.sent_ids), dtype=np.int64)
     i = 0
     for ref in train_refs:
         negatives, scores, fallback = [], [], []
         for _ in ref["sentences"]:
             rows, row_scores = selection.negatives(i)
+            kept[i] = len(rows)
             negatives.append(image_ids[rows].tolist())
             scores.append(row_scores.tolist())
             fallback.append(bool(selection.fallback[i]))
@@ -118,7 +127,27 @@ def mine_refs(
         "sentences": len(inputs.sent_ids),
         "fallback_sentences": selection.n_fallback,
     }
+    note = shortfall_note(kept, params.top_k, len(pool_ids), selection.tau)
+    if note:
+        _LOG.warning(note)
     return columns, provenance
+
+
+def shortfall_note(kept: np.ndarray, top_k: int, pool_size: int, tau_cosine: float) -> str | None:
+    """One line saying why sentences keep fewer than ``top_k`` negatives (``kept``: the count of each), with
+    the numbers, or None when every sentence has ``top_k``. The candidates of a sentence are the pool (the
+    source's training images, less every image that is val/test in any config) less its own image."""
+    kept = np.asarray(kept)
+    short = int((kept < top_k).sum())
+    if not short:
+        return None
+    counts = f"{int(kept.min())}" if kept.min() == kept[kept < top_k].max() else f"{int(kept.min())} to {int(kept[kept < top_k].max())}"
+    head = f"{short} of {len(kept)} training sentences keep fewer than top_k={top_k} negatives ({counts})"
+    if pool_size - 1 < top_k:
+        return (f"{head}: --top-k {top_k} is larger than the pool, {pool_size} training images (the source's "
+                "training images less every val/test image of any config) less each sentence's own image")
+    return (f"{head}: tau (cosine {tau_cosine:.3f}) leaves fewer than {top_k} of the pool's {pool_size} images "
+            "for them (a higher tau, a smaller --top-k or a larger source keeps more)")
 
 
 def embed_share(
@@ -128,8 +157,9 @@ def embed_share(
     embedder,
     cache_dir: str | Path,
     ranks,
+    image_sizes: Mapping[int, tuple[int, int]] | None = None,
 ) -> dict[str, int]:
     """Under several processes: this rank's share of the embeddings ``mine_refs`` will need, computed
     into the shared ``cache_dir`` (``Embedder.embed_share``); ``mine_refs`` on rank 0 then reads them all."""
     inputs = _MiningInputs.of(train_refs, image_files, pool_image_ids)
-    return embedder.embed_share(inputs.images(image_files), inputs.sentences(), cache_dir, ranks)
+    return embedder.embed_share(inputs.images(image_files), inputs.sentences(), cache_dir, ranks, image_sizes)

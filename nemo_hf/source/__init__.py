@@ -2,7 +2,8 @@
 
 Modules: `refer` (reading the two files safely: no pickle code runs, every id and size checked),
 `reader` (`ReferSource`: a source folder's configs, image checks and the negative pool, shared by all
-configs), `synthetic` (`make_refer_source`: a synthetic source in the exact layout).
+configs), `images` (an image is kept iff PIL decodes it; orientation tags neutralised losslessly),
+`synthetic` (`make_refer_source`: a synthetic source in the exact layout).
 """
 
 from ..lazy import lazy_exports
@@ -11,7 +12,7 @@ __getattr__, __all__ = lazy_exports(
     __name__,
     {
         ".refer": ["ReferFormatError", "load_refs", "load_instances"],
-        ".reader": ["ReferSource", "open_source"],
+        ".reader": ["ReferSource", "open_source", "IncompleteEvalError"],
         ".synthetic": ["make_refer_source"],
     },
 )

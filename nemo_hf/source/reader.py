@@ -7,23 +7,25 @@ in *any* refs file present is kept out of *every* training negative pool.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import stat
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 
-import simplejpeg
-from PIL import Image
-
-from ..pixels import to_8bit
 from ..schema import REFS_CONFIGS, TRAIN_SPLIT
 from . import refer
+from .images import ImageCheck, check_image, neutral_orientation
 
 logger = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 1 << 30  # never read a file this large into memory as "an image"
+SKIP_FLAG = "--skip-broken-eval-images (skip_broken_eval_images=True)"
+
+
+class IncompleteEvalError(refer.ReferFormatError):
+    """A val/test ref's image cannot be used: an evaluation split must be complete, so nothing is built."""
 
 
 class ReferSource:
@@ -36,7 +38,8 @@ class ReferSource:
             raise refer.ReferFormatError(f"{self.root}: source folder not found")
         self._refs: dict[str, list[dict]] = {}
         self._instances: dict[str, refer.Instances] = {}
-        self._image_problems: dict[int, str | None] = {}
+        # (id, file_name, width, height) -> (problem, what decoding found, the file's identity when checked)
+        self._image_checks: dict[tuple, tuple[str | None, ImageCheck | None, tuple | None]] = {}
         self._rows: dict[str, tuple[dict, dict]] = {}
 
     def __repr__(self) -> str:
@@ -88,35 +91,132 @@ class ReferSource:
         return path
 
     def image_problem(self, image: dict) -> str | None:
-        """Why an image file cannot be used (outside the image folder, missing, not a regular file, damaged,
-        size differs from instances.json), or None.
+        """Why an image file cannot be used (outside the image folder, missing, not a regular file, not
+        decodable by PIL, size differs from instances.json), or None. See `nemo_hf.source.images`: an image
+        PIL decodes is kept, libjpeg warnings and all."""
+        return self._checked(image)[0]
 
-        A JPEG is decoded strictly at 1/8 scale (the whole entropy-coded stream is read, and a libjpeg
-        warning counts as damage); anything else is decoded in full by PIL.
-        """
-        image_id = int(image["id"])
-        if image_id not in self._image_problems:
-            problem = None
+    def image_warning(self, image: dict) -> str | None:
+        """The libjpeg warning a usable image was decoded past, or None."""
+        check = self._checked(image)[1]
+        return check.warning if check else None
+
+    def _checked(self, image: dict) -> tuple[str | None, ImageCheck | None, tuple | None]:
+        key = (int(image["id"]), image["file_name"], int(image["width"]), int(image["height"]))
+        if key not in self._image_checks:
+            problem, check, identity = None, None, None
             try:
-                path = self.image_path(image["file_name"])
-                status = path.stat()
-                if not stat.S_ISREG(status.st_mode):
-                    raise refer.ReferFormatError("is not a regular file")
-                if status.st_size > MAX_IMAGE_BYTES:
-                    raise refer.ReferFormatError(f"is {status.st_size:,} bytes, more than an image of 32768x32768 needs")
-                size = _decoded_size(path.read_bytes())
-                if size != (int(image["width"]), int(image["height"])):
-                    problem = f"is {size[0]}x{size[1]}, instances.json says {image['width']}x{image['height']}"
+                data, identity = _read_image_file(self.image_path(image["file_name"]))
+                check = check_image(data)
+                if check.size != (int(image["width"]), int(image["height"])):
+                    problem = f"is {check.size[0]}x{check.size[1]}, instances.json says {image['width']}x{image['height']}"
             except FileNotFoundError:
                 problem = "is missing"
             except refer.ReferFormatError as err:
                 problem = str(err)
-            except Exception as err:  # PIL and libjpeg raise many types for corrupt files
+            except Exception as err:  # PIL raises many types for corrupt files
                 problem = f"is unreadable or damaged ({type(err).__name__}: {err})"
             if problem:
-                logger.warning("skipping image %d: %s %s", image_id, image["file_name"], problem)
-            self._image_problems[image_id] = problem
-        return self._image_problems[image_id]
+                logger.warning("skipping image %d: %s %s", key[0], image["file_name"], problem)
+            elif check.warning:
+                logger.info("image %d: %s decodes with a libjpeg warning (%s); kept, as PIL decodes it", key[0], image["file_name"], check.warning)
+            self._image_checks[key] = (problem, None if problem else check, identity)
+        return self._image_checks[key]
+
+    def forget_changed_images(self) -> None:
+        """Drop the checks of image files that changed since (one stat each) and every config's rows: a
+        build starts with this, so a long-lived process never builds from an earlier build's verdicts."""
+        changed = [key for key, (_, _, identity) in self._image_checks.items() if self._identity(key[1]) != identity]
+        for key in changed:
+            del self._image_checks[key]
+        if changed:
+            self._rows.clear()
+
+    def _identity(self, file_name: str) -> tuple | None:
+        try:
+            status = self.image_path(file_name).stat()
+        except (OSError, refer.ReferFormatError):
+            return None
+        return (status.st_ino, status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+
+    def image_bytes(self, image: dict) -> tuple[bytes, int | None]:
+        """The bytes a build stores for a usable image: the file's, with an EXIF/XMP orientation set to 1
+        (losslessly), and the orientation that was neutralised (or None).
+
+        A `ReferFormatError` when the file changed after it was checked: its rows were made for the
+        checked file. This source is then forgotten, so that the next `open_source` reads everything again.
+        """
+        problem, check, identity = self._checked(image)
+        path = self.image_dir / image["file_name"]
+        if problem:
+            raise refer.ReferFormatError(f"image {image['id']}: {path} {problem}")
+        try:
+            data, now = _read_image_file(self.image_path(image["file_name"]))
+        except (OSError, refer.ReferFormatError) as err:
+            data, now = None, f"{type(err).__name__}: {err}"
+        if now != identity:
+            for key in [k for k, source in _SOURCES.items() if source is self]:
+                del _SOURCES[key]
+            raise refer.ReferFormatError(
+                f"image {image['id']}: {path} changed after nemo_hf checked it (size, time or inode differ); "
+                "the rows were made for the file as it was: run the build again once the image folder is stable"
+            )
+        if check.orientation is None:
+            return data, None
+        return neutral_orientation(data), check.orientation
+
+    def declared_images(self, configs: Iterable[str]) -> dict[int, dict]:
+        """image_id -> its instances.json entry, over the images the refs of ``configs`` name.
+
+        A `ReferFormatError` when two configs' instances.json declare one image differently (file name or
+        size): its masks would be rasterised at one size over pixels of another.
+        """
+        declared: dict[int, tuple[dict, Path]] = {}
+        for config in configs:
+            instances = self.instances(config)
+            for image_id in sorted({int(ref["image_id"]) for ref in self.refs(config)}):
+                image = instances.images.get(image_id)
+                if image is None:
+                    continue  # ref_rows names the ref and the file
+                first, where = declared.setdefault(image_id, (image, instances.path))
+                if _declaration(first) != _declaration(image):
+                    raise refer.ReferFormatError(
+                        f"image {image_id} is declared differently by two instances.json files: {where} says "
+                        f"{_describe(first)}, {instances.path} says {_describe(image)}; correct one of them, or "
+                        "build these configs into separate folders"
+                    )
+        return {image_id: image for image_id, (image, _) in declared.items()}
+
+    def require_complete_eval(self, configs: Iterable[str]) -> None:
+        """An `IncompleteEvalError` naming each image a val/test ref of ``configs`` needs but cannot use.
+
+        Benchmark numbers depend on every expression of an evaluation split, so such a ref is never
+        dropped quietly; a build that is told to (``skip_broken_eval_images``) lists them in its card.
+        """
+        gaps: dict[int, tuple[dict, str, list[str]]] = {}
+        for config in configs:
+            self.rows(config)  # every ref checked first: a malformed one is reported as such
+            instances = self.instances(config)
+            for ref in sorted(self.refs(config), key=lambda r: r["ref_id"]):
+                if ref["split"] == TRAIN_SPLIT:
+                    continue
+                image = instances.images[ref["image_id"]]
+                problem = self.image_problem(image)
+                if problem:
+                    gaps.setdefault(int(image["id"]), (image, problem, []))[2].append(f"{config}/{ref['split']} ref {ref['ref_id']}")
+        if not gaps:
+            return
+        shown = [
+            f"image {image_id} {image['file_name']} {problem} (needed by {', '.join(refs)})"
+            for image_id, (image, problem, refs) in list(gaps.items())[:3]
+        ]
+        more = f"; and {len(gaps) - 3} more images" if len(gaps) > 3 else ""
+        n_refs = sum(len(refs) for _, _, refs in gaps.values())
+        raise IncompleteEvalError(
+            f"{n_refs} val/test refs need an image that cannot be used, and an evaluation split must be complete: "
+            f"{'; '.join(shown)}{more}. Nothing was written. Restore those files (in {self.image_dir}), or pass "
+            f"{SKIP_FLAG} to build without these refs (the card and nemo_hf.json then list them)"
+        )
 
     def rows(self, config: str) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
         """Validated rows per split, and per split the refs skipped because their image is unusable.
@@ -168,18 +268,28 @@ class ReferSource:
         )
 
 
-def _decoded_size(data: bytes) -> tuple[int, int]:
-    """The (width, height) of an encoded image after decoding it all; raises on any damage."""
-    if data[:2] == b"\xff\xd8":
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace in ("Gray", "YCbCr", "RGB"):  # what the mosaic decodes with libjpeg-turbo
-            simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=1, min_height=1, strict=True)  # at 1/8 scale
-            return width, height
-    with Image.open(io.BytesIO(data)) as im:
-        size = im.size
-        im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
-        to_8bit(im)  # refuses pixels with no 8-bit meaning
-    return size
+def _read_image_file(path: Path) -> tuple[bytes, tuple[int, int, int]]:
+    """A regular file's bytes and its identity (inode, size, mtime) as read; never blocks on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise refer.ReferFormatError("is not a regular file")
+        if status.st_size > MAX_IMAGE_BYTES:
+            raise refer.ReferFormatError(f"is {status.st_size:,} bytes, more than an image of 32768x32768 needs")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
+    return data, (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _declaration(image: dict) -> tuple:
+    return image["file_name"], int(image["width"]), int(image["height"])
+
+
+def _describe(image: dict) -> str:
+    return f"{image['file_name']} {image['width']}x{image['height']}"
 
 
 _SOURCES: dict[tuple, ReferSource] = {}
@@ -190,6 +300,8 @@ def open_source(root: str | os.PathLike, image_dir: str | os.PathLike | None = N
     one after another share what was read and checked."""
     root = Path(root).expanduser().resolve()
     files = sorted(root.glob("*/*.p")) + sorted(root.glob("*/instances.json")) if root.is_dir() else []
+    # the default image folder named or not, relative or absolute: one source (the builder names it)
+    image_dir = Path(image_dir).expanduser().resolve() if image_dir else refer.default_image_dir(root).resolve()
     key = (str(root), str(image_dir), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     if key not in _SOURCES:
         _SOURCES[key] = ReferSource(root, image_dir)

@@ -197,10 +197,11 @@ def load_instances(path: str | Path) -> Instances:
         image_id = _entry_id(im, images, where)
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             raise ReferFormatError(f"{where}: file_name {im.get('file_name')!r} is not a file name")
+        _text_field(im["file_name"], where, "file_name")
         with _as_refer_error():
             check_image_size(im.get("height"), im.get("width"), where)
-        if not _is_int(im.get("license", 0)):
-            raise ReferFormatError(f"{where}: license {im['license']!r} is not an integer")
+        if not _is_int(im.get("license", 0)) or not 0 <= im.get("license", 0) <= MAX_LICENSE:
+            raise ReferFormatError(f"{where}: license {im['license']!r} is not an integer in 0..2^31-1")
         images[image_id] = im
     for ann in data["annotations"]:
         where = f"{path}: annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"{path}: annotation entry {ann!r}"
@@ -212,9 +213,13 @@ def load_instances(path: str | Path) -> Instances:
         cat_id = _entry_id(cat, categories, where)
         if not isinstance(cat.get("name"), str):
             raise ReferFormatError(f"{where}: name {cat.get('name')!r} is not a string")
-        categories[cat_id] = cat["name"]
-        supercategories[cat_id] = str(cat.get("supercategory", ""))
+        categories[cat_id] = _text_field(cat["name"], where, "name")
+        supercategories[cat_id] = _text_field(str(cat.get("supercategory", "")), where, "supercategory")
     return Instances(path=path, images=images, annotations=annotations, categories=categories, supercategories=supercategories)
+
+
+MAX_ID = 2**63 - 1  # ids are stored as int64
+MAX_LICENSE = 2**31 - 1  # the images config stores it as int32
 
 
 def _is_int(value) -> bool:
@@ -222,12 +227,29 @@ def _is_int(value) -> bool:
 
 
 def _int_field(entry: dict, key: str, where: str) -> int:
-    """``entry[key]`` as an int; a float, a string or a missing value is an error (never truncated)."""
+    """``entry[key]`` as an id: an int in 0..2^63-1; a float, a string, a missing or an out-of-range value is
+    an error (never truncated, never a failure deep in the Parquet writer)."""
     if key not in entry:
         raise ReferFormatError(f"{where}: lacks {key}")
     if not _is_int(entry[key]):
         raise ReferFormatError(f"{where}: {key} {entry[key]!r} is not an integer")
-    return int(entry[key])
+    value = int(entry[key])
+    if not 0 <= value <= MAX_ID:
+        raise ReferFormatError(f"{where}: {key} {value} is outside 0..2^63-1, the range of the ids a folder stores")
+    return value
+
+
+def _text_field(value: str, where: str, what: str) -> str:
+    """``value`` when it is text UTF-8 can store: a lone surrogate (which a Python 3 pickle or a JSON ``\\ud800``
+    escape can carry) is not, and would fail deep in the Parquet writer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ReferFormatError(
+            f"{where}: {what} {value!r} holds a lone surrogate ({value[err.start]!r} at character {err.start}), "
+            "which is not text: correct it in the source file"
+        ) from None
+    return value
 
 
 def _entry_id(entry, seen: dict, where: str) -> int:
@@ -247,7 +269,10 @@ def check_bbox(bbox, where: str) -> list[float]:
     """[x, y, w, h]: four finite numbers, sizes not negative."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         raise ReferFormatError(f"{where}: bbox {bbox!r} is not 4 numbers [x, y, w, h]")
-    box = [float(v) for v in bbox]
+    try:
+        box = [float(v) for v in bbox]
+    except OverflowError:  # an integer beyond any float
+        box = [np.inf] * 4
     if not all(np.isfinite(box)) or box[2] < 0 or box[3] < 0:
         raise ReferFormatError(f"{where}: bbox {bbox!r} is not 4 finite numbers with w, h >= 0")
     return box
@@ -286,7 +311,7 @@ def image_objects(sources: list[Instances], image_id: int) -> list[dict]:
             objects.append(obj)
         except ReferFormatError:
             raise
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise ReferFormatError(f"{where}: {type(err).__name__}: {err}") from None
     return objects
 
@@ -307,12 +332,16 @@ def _sentences(ref: dict, where: str) -> list[dict]:
         for key in ("sent", "raw"):
             if s.get(key) is not None and not isinstance(s[key], str):
                 raise ReferFormatError(f"{where}: sentence {sent_id}: {key} is a {type(s[key]).__name__}, not text")
+            if s.get(key) is not None:
+                _text_field(s[key], f"{where}: sentence {sent_id}", key)
         sent = s.get("sent") or s.get("raw") or ""
         if not sent.strip():
             raise ReferFormatError(f"{where}: sentence {sent_id} is empty")
         tokens = s.get("tokens") or sent.split()
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ReferFormatError(f"{where}: sentence {sent_id}: tokens is not a list of strings")
+        for token in tokens:
+            _text_field(token, f"{where}: sentence {sent_id}", "token")
         out.append({"sent_id": sent_id, "sent": sent, "raw": s.get("raw") or sent, "tokens": tokens})
     return out
 
@@ -336,8 +365,10 @@ def ref_rows(
     """One row per ref (schema.REFS_FEATURES, negative columns empty), in ``ref_id`` order.
 
     ``image_problem(image)`` is asked before anything is rasterised at the image's declared size: a ref
-    whose image has a problem is not converted, but noted in ``skipped[split]``.
+    whose image has a problem is not converted, but noted in ``skipped[split]``. A ``sent_id`` used twice in
+    the file is an error, as evaluation would find it (the refer toolkit indexes sentences by it).
     """
+    ref_of_sentence: dict[int, int] = {}
     for ref in sorted(refs, key=lambda r: r["ref_id"]):
         where = f"{refs_file}: ref {ref['ref_id']}"
         ann = instances.annotations.get(ref["ann_id"])
@@ -354,6 +385,14 @@ def ref_rows(
         if category is None:
             raise ReferFormatError(f"{where}: category {ref['category_id']} is not in {instances.path}")
         sentences = _sentences(ref, where)
+        for sentence in sentences:
+            sent_id = sentence["sent_id"]
+            if sent_id in ref_of_sentence:
+                raise ReferFormatError(
+                    f"{where}: sent_id {sent_id} appears twice (first in ref {ref_of_sentence[sent_id]}); each "
+                    "sentence needs its own sent_id (evaluation and the embedding cache key on it): correct the refs file"
+                )
+            ref_of_sentence[sent_id] = ref["ref_id"]
         ann_where = f"{where} (annotation {ann['id']})"
         bbox = check_bbox(ann.get("bbox"), ann_where)
         problem = image_problem(image) if image_problem is not None else None

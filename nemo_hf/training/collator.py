@@ -44,10 +44,17 @@ class RISCollator:
                 "RISCollator takes a processor, or a tokenizer and an image_processor (AutoTokenizer / "
                 "AutoImageProcessor), not both"
             )
+        if processor is not None and not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+            raise ValueError(
+                f"processor {type(processor).__name__} has no tokenizer and image_processor (is it a tokenizer?): "
+                "pass tokenizer= and image_processor= instead"
+            )
         self.processor = processor
         self.tokenizer = tokenizer if processor is None else processor.tokenizer
         self.image_processor = image_processor if processor is None else processor.image_processor
-        self.max_length = max_length
+        self.max_length = check_max_length(max_length, self.tokenizer)
+        if maskris is not None and not callable(maskris):
+            raise ValueError(f"maskris must be a nemo_hf MaskRIS (or None), got {type(maskris).__name__}")
         self.maskris = maskris
 
     def __repr__(self) -> str:
@@ -85,6 +92,19 @@ class RISCollator:
             keys = [row.get("sent_id") for row in rows]
             batch = self.maskris(batch, self.tokenizer, None if None in keys else keys)
         return batch
+
+
+def check_max_length(max_length, tokenizer) -> int | None:
+    """None (the tokenizer's own limit) or a token count from 1 to the tokenizer's ``model_max_length``: a text
+    model has no position embedding beyond it, so a longer sequence would fail only at the first forward."""
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be None or a positive number of tokens, got {max_length!r}")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 10**6 and max_length > limit:  # transformers' "no limit" is ~1e30
+        raise ValueError(f"max_length {max_length} exceeds the tokenizer's model_max_length {limit}")
+    return max_length
 
 
 def resize_mask(mask, size: tuple[int, int]) -> np.ndarray:

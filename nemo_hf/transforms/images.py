@@ -1,7 +1,8 @@
 """Reading images from the ``images`` config: an image's encoded bytes by image_id, decoded on demand.
 
 Speed: a tile is a quarter of the output, so JPEGs are decoded at the smallest DCT scale whose result
-still covers the tile (libjpeg-turbo scaling through simplejpeg); PIL comes in only for non-JPEG sources.
+still covers the tile (libjpeg-turbo scaling through simplejpeg); PIL comes in for other formats and for a
+JPEG the strict fast path refuses: an image PIL decodes is an image (the build's rule, `nemo_hf.source.images`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ class EncodedImage:
 
 
 class _BinaryCells:
-    """One chunk of an Image column: a cell's bytes as a view of the (memory-mapped) Arrow buffer, or its file."""
+    """One chunk of an Image column: a cell's bytes as a view of the (memory-mapped) Arrow buffer.
+
+    A cell without bytes is refused, its ``path`` never opened: a folder's row must not make a reader open a
+    file it names (anything on the machine)."""
 
     def __init__(self, chunk):
         encoded = chunk.field("bytes")
@@ -82,8 +86,7 @@ class _BinaryCells:
             path = self.paths[i].as_py()
             if path is None:
                 return None
-            with open(path, "rb") as f:
-                return f.read()
+            raise ValueError(f"its row has no bytes but a path ({path!r}), which is never read: images must carry their bytes")
         return self.data[self.offsets[i] : self.offsets[i + 1]]
 
 
@@ -154,7 +157,10 @@ class ImageTable:
         place = self._dataset_index().get(int(image_id))
         if place is None:
             return None
-        return self._cells[place[0]].get(place[1])
+        try:
+            return self._cells[place[0]].get(place[1])
+        except ValueError as err:
+            raise ValueError(f"image {image_id}: {err}") from None
 
     def objects_of(self, image_id: int) -> list[dict]:
         """The image's ``objects`` (schema.OBJECT, source coordinates); [] for an image the table lacks."""

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from .sampling import check_seed
 
 MASK_STAND_IN = "*"
 MASKED_KEYS = ("masked_pixels", "input_ids_masked")  # what MaskRIS adds to a collated batch
@@ -142,17 +145,24 @@ def _vocabulary_without(vocab_size: int, special_ids: frozenset) -> torch.Tensor
     return ids[~torch.isin(ids, torch.tensor(sorted(special_ids), dtype=ids.dtype))]
 
 
+def _fraction(value, name: str) -> float:
+    """``value`` as a float in [0, 1]; a string ("0.5"), a bool or NaN is refused, never coerced or compared."""
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _check_patch(patch_size, ratio) -> None:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"image ratio must lie in [0, 1], got {ratio}")
+    _fraction(ratio, "image_ratio")
 
 
 def _check_text(ratio, mask_fraction, random_fraction) -> None:
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"text ratio must lie in [0, 1], got {ratio}")
-    if not (mask_fraction >= 0 and random_fraction >= 0 and mask_fraction + random_fraction <= 1.0 + 1e-9):  # NaN too
+    _fraction(ratio, "text_ratio")
+    _fraction(mask_fraction, "mask_fraction")
+    _fraction(random_fraction, "random_fraction")
+    if mask_fraction + random_fraction > 1.0 + 1e-9:
         raise ValueError(
             f"mask_fraction ({mask_fraction}) and random_fraction ({random_fraction}) must be >= 0 and sum to <= 1"
         )
@@ -199,11 +209,10 @@ class MaskRIS:
     ):
         _check_patch(patch_size, image_ratio)
         _check_text(text_ratio, mask_fraction, random_fraction)
-        if not 0.0 <= clean_weight <= 1.0:
-            raise ValueError(f"clean_weight must lie in [0, 1], got {clean_weight}")
+        _fraction(clean_weight, "clean_weight")
         if backward not in BACKWARD_STRATEGIES:
             raise ValueError(f"backward must be one of {BACKWARD_STRATEGIES}, got {backward!r}")
-        self.patch_size = patch_size
+        self.patch_size = int(patch_size)
         self.image_ratio = float(image_ratio)
         self.text_ratio = float(text_ratio)
         self.mask_fraction = float(mask_fraction)
@@ -214,7 +223,7 @@ class MaskRIS:
         if distil_at not in DISTIL_AT:
             raise ValueError(f"distil_at must be one of {DISTIL_AT}, got {distil_at!r}")
         self.distil_at = distil_at
-        self.seed = int(seed)
+        self.seed = check_seed(seed, "seed")
         self.epoch = 0
         self._unkeyed_batches = 0
 
@@ -231,7 +240,7 @@ class MaskRIS:
         return {"clean_weight": self.clean_weight, "class_weights": self.class_weights, "distil_at": self.distil_at}
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch = check_seed(epoch, "epoch")
 
     def generator(self, keys: Sequence[int] | None) -> torch.Generator:
         """A generator seeded from (seed, epoch, keys). ``keys`` are the batch's ``sent_id``s; without them

@@ -26,7 +26,7 @@ from .. import schema
 from ..masks import encode_rle
 from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
 from .images import DECODE_ERRORS, OBJECTS_COLUMN, EncodedImage, ImageTable
-from .sampling import Warmup, draw_cell, draw_grid, draw_mode, draw_negatives, draw_sentence, normalise_p
+from .sampling import Warmup, check_seed, draw_cell, draw_grid, draw_mode, draw_negatives, draw_sentence, normalise_p
 
 OUTPUT_COLUMNS = (
     "image", "mask", "bbox", "sentence", "sent_id", "ref_id",
@@ -250,15 +250,13 @@ class NeMoMosaic(_Renderer):
             raise ValueError(f"schedule.p_random must be in [0, 1], got {schedule.p_random}")
         self.schedule = schedule
         self.spatial_words = spatial_words
-        if not _is_int(seed) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed, "seed")
         self.sentence_key = sentence_key
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Draws depend on the epoch; see `MosaicEpochCallback` for Trainer and DataLoader workers."""
-        self.epoch = int(epoch)
+        self.epoch = check_seed(epoch, "epoch")
 
     def __repr__(self) -> str:
         p = {mode: round(v, 4) for mode, v in self.p.items() if v}

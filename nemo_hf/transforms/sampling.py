@@ -8,6 +8,7 @@ same whatever the DataLoader workers and changes every epoch. `NeMoMosaic` makes
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,14 @@ def spatial_quadrants(words: Sequence[str], grid: int = 2) -> list[int]:
         if side is not None:
             allowed &= sides[side]
     return sorted(allowed) or sorted(cells)
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """``value`` (a seed, an epoch) as an int >= 0, what seeds the draws: a float (even 3.0, which another
+    caller might truncate from 3.7), a string or a bool is refused, naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def _words(sentence: Mapping) -> list[str]:

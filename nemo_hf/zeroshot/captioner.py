@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..mining.identity import ModelIdentity, checkpoint_identity, module_identity
 from .loading import load_pretrained
 
 MAX_NEW_TOKENS = 30
@@ -17,7 +18,9 @@ MAX_NEW_TOKENS = 30
 class Captioner:
     """``model`` + ``image_processor`` + ``tokenizer``; fp16 on GPU like the embedder."""
 
-    def __init__(self, model, image_processor, tokenizer, name: str, *, device=None, batch_size: int = 16):
+    def __init__(self, model, image_processor, tokenizer, name: str, *, device=None, batch_size: int = 16,
+                 identity: ModelIdentity | None = None):
+        self.identity = identity or module_identity(model, name)  # a checkpoint rewritten at the same path is another
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
@@ -35,7 +38,11 @@ class Captioner:
             "captioner", model_id_or_path,
             AutoModelForImageTextToText.from_pretrained, AutoImageProcessor.from_pretrained, AutoTokenizer.from_pretrained,
         )  # fmt: skip
-        return cls(model, image_processor, tokenizer, name, **kwargs)
+        return cls(model, image_processor, tokenizer, name, identity=checkpoint_identity(name), **kwargs)
+
+    def cache_key(self) -> dict:
+        """What its captions depend on: the weights (not only the name), the dtype, the decoding."""
+        return {"model": self.identity.as_dict(), "dtype": str(self.dtype), "max_new_tokens": MAX_NEW_TOKENS}
 
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
         """One caption per uint8 HxWx3 image, greedy decoding."""

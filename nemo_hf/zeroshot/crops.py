@@ -4,6 +4,10 @@ CLIP crop: the image times the mask (black background), cut to the mask's box, t
 with black by ``(long - short) // 2`` on each side (so an odd difference stays one pixel short of a
 square, as in TAS). The model's own processor then resizes and centre-crops it.
 Captioner crop: the same, over the image's background blurred with a 75x75 Gaussian instead of black.
+
+The box (``box=``): ``"tas"`` (default) is SAM's xywh box as TAS cuts it (tas_main.py lines 88-90:
+``masked[y : y + h, x : x + w]`` with SAM's ``w = max_x - min_x``, ``h = max_y - min_y``), so the mask's
+last row and last column fall outside the crop; ``"extent"`` is the mask's full extent.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 import torch
 
 BLUR_KERNEL = 75
+CROP_BOXES = ("tas", "extent")
 
 
 def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -23,6 +28,19 @@ def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+def crop_box(mask: np.ndarray, box: str = "tas") -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), half-open, of the crop: TAS's box (one row and one column short of the extent) or
+    the full ``"extent"``; None when the mask is empty. A mask one pixel thin leaves TAS's box empty (TAS
+    never meets one: its proposals have at least 2,000 px): the extent is used then."""
+    if box not in CROP_BOXES:
+        raise ValueError(f"crop box {box!r}: expected one of {', '.join(CROP_BOXES)}")
+    bounds = mask_bounds(mask)
+    if bounds is None or box == "extent":
+        return bounds
+    y0, y1, x0, x1 = bounds
+    return (y0, y1 - 1, x0, x1 - 1) if y1 - y0 > 1 and x1 - x0 > 1 else bounds
+
+
 def pad_to_square(pixels: np.ndarray) -> np.ndarray:
     """Black bands of ``(long - short) // 2`` on both sides of the shorter dimension."""
     h, w = pixels.shape[:2]
@@ -31,12 +49,14 @@ def pad_to_square(pixels: np.ndarray) -> np.ndarray:
     return np.pad(pixels, widths + ((0, 0),) * (pixels.ndim - 2))
 
 
-def masked_crop(image: np.ndarray, mask: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
-    """The proposal over ``background`` (black when None), cut to the mask's box, padded to a square."""
+def masked_crop(
+    image: np.ndarray, mask: np.ndarray, background: np.ndarray | None = None, box: str = "tas"
+) -> np.ndarray:
+    """The proposal over ``background`` (black when None), cut to `crop_box`, padded to a square."""
     mask = np.asarray(mask).astype(bool, copy=False)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask of shape {mask.shape} for an image of shape {image.shape[:2]}")
-    bounds = mask_bounds(mask)
+    bounds = crop_box(mask, box)
     if bounds is None:
         raise ValueError("empty proposal mask: nothing to crop")
     y0, y1, x0, x1 = bounds
@@ -68,12 +88,15 @@ def _reflect101(size: int, pad: int) -> np.ndarray:
     return period[np.arange(-pad, size + pad) % len(period)]
 
 
-def blurred_crop(image: np.ndarray, mask: np.ndarray, blurred: np.ndarray | None = None) -> np.ndarray:
+def blurred_crop(
+    image: np.ndarray, mask: np.ndarray, blurred: np.ndarray | None = None, box: str = "tas"
+) -> np.ndarray:
     """The captioner's crop; pass ``blurred`` (`gaussian_blur` of the image) to blur once per image."""
-    return masked_crop(image, mask, gaussian_blur(image) if blurred is None else blurred)
+    return masked_crop(image, mask, gaussian_blur(image) if blurred is None else blurred, box)
 
 
 def centroid(mask: np.ndarray) -> tuple[float, float]:
-    """(mean row, mean column) of the mask's pixels."""
+    """(mean row, mean column) of the mask's pixels, as floats; TAS keeps ``int()`` of them (tas_main.py
+    lines 521-523), which `scoring.tas_rectify` applies itself."""
     rows, cols = np.nonzero(mask)
     return float(rows.mean()), float(cols.mean())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..transforms.mosaic import NeMoMosaic
-from ..transforms.sampling import MODES
+from ..transforms.sampling import MODES, check_seed
 from .predict import TasPredictor
 from .proposals import InstanceProposals
 
@@ -23,6 +23,9 @@ FALSE_NEGATIVES_SHOWN = 10
 
 def sample_sentences(refs, n: int, seed: int) -> list[dict]:
     """``n`` (ref row + ``sentence``, ``sent_id``) rows drawn without replacement with ``seed``; all when fewer."""
+    seed = check_seed(seed)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
     pairs = [(i, j) for i, sentences in enumerate(refs["sentences"]) for j in range(len(sentences))]
     if not pairs:
         raise ValueError("the split has no sentences to sample")
@@ -77,18 +80,20 @@ def score_sample(predictor: TasPredictor, out: dict, text_emb: np.ndarray) -> di
 
 
 def measure_difficulty(refs, images, predictor: TasPredictor, samples: int = 200, seed: int = 0,
-                       config: str | None = None, output_size: int = 480, progress: bool = True) -> dict:  # fmt: skip
-    """Per mode: the summary and the per-sample records (see the module docstring); reproducible with ``seed``."""
-    from tqdm.auto import tqdm
+                       config: str | None = None, output_size: int = 480, progress: bool = True,
+                       pool=None) -> dict:  # fmt: skip
+    """Per mode: the summary and the per-sample records (see the module docstring); reproducible with ``seed``.
+    ``images`` and ``pool`` as ``NeMoMosaic``'s."""
+    from .. import progress as progress_lines
 
     if not isinstance(predictor.proposer, InstanceProposals):
         raise ValueError("the difficulty meter scores every object of every tile: use InstanceProposals")
     rows = sample_sentences(refs, samples, seed)
     text_emb = predictor.encoder.encode_texts([row["sentence"] for row in rows])
     report = {"samples": len(rows), "seed": seed, "modes": {}, **predictor.describe()}
-    bar = tqdm(total=len(rows) * len(MODES), unit="sample", desc="difficulty", disable=not progress)
+    bar = progress_lines.bar(len(rows) * len(MODES), "difficulty", "sample", disable=not progress)
     for mode in MODES:
-        mosaic = NeMoMosaic(images, output_size=output_size, p={mode: 1.0}, seed=seed, config=config,
+        mosaic = NeMoMosaic(images, output_size=output_size, p={mode: 1.0}, seed=seed, config=config, pool=pool,
                             return_arrays=True, return_objects=True, object_masks="rle")  # fmt: skip
         records, vanished = [], 0
         for row, emb in zip(rows, text_emb):
@@ -162,6 +167,9 @@ def format_difficulty(report: dict, demo: bool = False) -> str:
     return "\n".join(lines)
 
 
+MODE_COLOURS = {"single": "#55aa88", "random": "#5588cc", "retrieval": "#cc5555"}
+
+
 def plot_difficulty(report: dict, path, demo: bool = False) -> None:
     """Three bars per metric (single, random, retrieval) and the margin distribution per mode."""
     import matplotlib
@@ -173,13 +181,14 @@ def plot_difficulty(report: dict, path, demo: bool = False) -> None:
     metrics = [("top1_accuracy", "zero-shot top-1 accuracy"), ("mean_margin", "mean margin (target - best distractor)"),
                ("mean_same_category_distractors", "same-category distractors")]  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    colours = {mode: MODE_COLOURS.get(mode, "#888888") for mode in modes}  # one colour per mode in every panel
     for ax, (key, title) in zip(axes, metrics):
         values = [report["modes"][m][key] or 0.0 for m in modes]
-        ax.bar(modes, values, color=["#6a9", "#69c", "#c66"])
+        ax.bar(modes, values, color=[colours[m] for m in modes])
         ax.set_title(title, fontsize=9)
     for mode in modes:
         margins = [r["margin"] for r in report["modes"][mode]["records"] if r["margin"] is not None]
-        axes[3].hist(margins, bins=20, alpha=0.5, label=mode)
+        axes[3].hist(margins, bins=20, alpha=0.5, label=mode, color=colours[mode])
     axes[3].axvline(0, color="k", lw=0.8)
     axes[3].set_title("margin distribution", fontsize=9)
     axes[3].legend(fontsize=8)

@@ -4,12 +4,17 @@ per-image cache that makes a run resumable.
 TAS re-encodes an image's proposal crops inside its per-expression loop; here everything that depends
 only on the image (proposal masks, crop embeddings, centroids, the whole-image embedding, captions)
 is computed once per image, stored as one ``<image_id>.npz`` file (written atomically), and reused for
-every expression of the image and by any later run with the same model, proposer and captioner.
+every expression of the image and by any later run with the same model, proposer and captioner. Each file
+carries what it was computed from (the cache key and the image's content: its bytes' digest, and its
+instances' for the instance proposer) and is reused only when both match: a rebuilt folder, or a file
+copied to another image's name or into another cache, is recomputed, never scored stale.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..folder.files import is_regular_file
 from ..mining.cache import UNREADABLE_NPZ, atomic_write, cache_directory, key_digest
 from ..mining.embed import Embedder, normalised
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: each file stamped with its cache key and image content
 
 
 class ClipEncoder:
@@ -82,8 +88,10 @@ class ImageFeatures:
     caption_emb: np.ndarray | None = None  # (n, d)
     whole_caption: str | None = None  # the whole image's caption (for --phrases spacy)
 
-    def to_npz(self) -> bytes:
+    def to_npz(self, **stamps: str) -> bytes:
+        """The arrays as ``.npz`` bytes, with ``stamps`` (strings saying what they were computed from) beside them."""
         arrays = {
+            **{name: np.asarray(value, dtype=str) for name, value in stamps.items()},
             "size": np.asarray(self.size, dtype=np.int64),
             "mask_size": np.asarray([m["size"] for m in self.masks], dtype=np.int64).reshape(-1, 2),
             "mask_counts": np.asarray([m["counts"] for m in self.masks], dtype=str),
@@ -133,12 +141,24 @@ class ImageFeatures:
         )
 
 
+def image_content(data: bytes | memoryview, objects: list[dict] | None = None) -> str:
+    """What one image's features are computed from: its encoded bytes (and ``objects``, its instances, for a
+    proposer that reads them), as a digest."""
+    digest = hashlib.sha256(data)
+    if objects is not None:
+        digest.update(b"\0objects\0" + json.dumps(objects, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 class FeatureCache:
-    """``<directory>/<key digest>/<image_id>.npz``, one file per image, keyed by everything that changes it."""
+    """``<directory>/<key digest>/<image_id>.npz``, one file per image, keyed by everything that changes it:
+    the key (model, proposer, captioner) names the folder, and each file carries that key's digest and its
+    image's `image_content`, both checked on read."""
 
     def __init__(self, directory: str | Path, key: dict):
         meta = {"format": CACHE_FORMAT, **key}
-        self.directory = cache_directory(Path(directory) / key_digest(meta), meta)
+        self.key = key_digest(meta)
+        self.directory = cache_directory(Path(directory) / self.key, meta)
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.directory)!r})"
@@ -146,17 +166,26 @@ class FeatureCache:
     def _path(self, image_id: int) -> Path:
         return self.directory / f"{int(image_id)}.npz"
 
-    def get(self, image_id: int) -> ImageFeatures | None:
+    def get(self, image_id: int, content: str) -> ImageFeatures | None:
+        """The features of ``image_id`` when its file was computed from ``content`` under this key; None when
+        absent or stale (another image's, another folder build's, another cache's: recomputed by the caller)."""
         path = self._path(image_id)
         if not path.exists():
             return None
+        if not is_regular_file(path, follow_symlinks=False):  # a FIFO or /dev/zero would block or fill memory
+            warnings.warn(f"feature cache: {path} is not a regular file; ignored, its features are recomputed")
+            return None
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "key" not in data or "content" not in data:
+                    raise ValueError("no key or content stamp")
+                if str(data["key"]) != self.key or str(data["content"]) != content:
+                    return None
                 return ImageFeatures.from_npz(data)
         except UNREADABLE_NPZ as err:
             warnings.warn(f"feature cache: dropping unreadable {path} ({err}); it will be recomputed")
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, image_id: int, features: ImageFeatures) -> None:
-        atomic_write(self._path(image_id), features.to_npz())
+    def put(self, image_id: int, content: str, features: ImageFeatures) -> None:
+        atomic_write(self._path(image_id), features.to_npz(key=self.key, content=content))

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..masks import decode_rle
+from ..mining.identity import ModelIdentity, checkpoint_identity, module_identity
 from .loading import load_pretrained
 
 MIN_PROPOSAL_AREA = 2000  # TAS: masks under 2,000 px are dropped
@@ -50,9 +51,13 @@ class InstanceProposals:
     name = "instances"
     label = "instances (ORACLE: the image's own ground-truth instance masks)"
     oracle = True
+    reads_objects = True
 
     def __repr__(self) -> str:
         return "InstanceProposals()"
+
+    def cache_key(self) -> dict:
+        return {"proposer": repr(self)}
 
     def __call__(self, image: np.ndarray, objects: Sequence[dict], where: str) -> np.ndarray:
         """(n, H, W) bool, one mask per non-empty instance, at the image's size."""
@@ -129,6 +134,7 @@ class SamProposals:
     """
 
     oracle = False
+    reads_objects = False
 
     def __init__(
         self,
@@ -143,6 +149,7 @@ class SamProposals:
         box_nms_thresh: float = 0.7,
         points_per_batch: int = 64,
         device=None,
+        identity: ModelIdentity | None = None,
     ):
         if min_mask_region_area > 0:
             try:
@@ -152,6 +159,7 @@ class SamProposals:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
+        self.identity = identity or module_identity(model, name)  # a checkpoint rewritten at the same path is another
         self.image_processor = image_processor
         self.name = f"sam:{name}"
         self.label = f"SAM automatic masks ({name}; TAS settings and filter)"
@@ -174,7 +182,11 @@ class SamProposals:
             f"SAM for --proposals sam:{model_id_or_path}", model_id_or_path,
             SamModel.from_pretrained, AutoImageProcessor.from_pretrained,
         )  # fmt: skip
-        return cls(model, image_processor, name, **kwargs)
+        return cls(model, image_processor, name, identity=checkpoint_identity(name), **kwargs)
+
+    def cache_key(self) -> dict:
+        """What its masks depend on: the settings (repr), the weights (not only the name), the dtype."""
+        return {"proposer": repr(self), "model": self.identity.as_dict(), "dtype": str(self.dtype)}
 
     def __call__(self, image: np.ndarray, objects: Sequence[dict], where: str) -> np.ndarray:
         h, w = image.shape[:2]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+MAX_PROVENANCE = 1 << 20  # a summary of a few hundred bytes: a larger file is not one, and is not read
+
 
 def provenance_path(predictions) -> Path:
     """Where `run_zeroshot` says what made a predictions file: ``<predictions>.provenance.json``."""
@@ -15,11 +17,11 @@ def provenance_path(predictions) -> Path:
 def provenance_banner(predictions) -> str | None:
     """For `nemo-hf eval`'s report: the oracle warning when zero-shot predictions used the instances oracle."""
     path = provenance_path(predictions)
-    if not path.is_file():  # absent, or a FIFO that would block the read forever
+    if not path.is_file() or path.stat().st_size > MAX_PROVENANCE:  # absent, a FIFO (would block), or not one
         return None
     try:
         provenance = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # deep nesting: not one either
         return None
     if isinstance(provenance, dict) and provenance.get("oracle_proposals"):
         return (f"ORACLE SETTING ({path.name}): zero-shot predictions from {provenance.get('proposals')}; an upper "

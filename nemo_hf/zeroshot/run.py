@@ -9,15 +9,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from .. import progress as progress_lines
 from ..evaluation.predictions import PredictionWriter, predictions_format
-from ..masks import encode_rle
+from ..masks import MAX_SIDE, encode_rle
 from ..mining.cache import atomic_write
 from ..mining.embed import Embedder, demo_embedder
-from ..transforms.images import ImageTable
+from ..transforms.images import DECODE_ERRORS, ImageTable
 from .captioner import Captioner
 from .encode import ClipEncoder, FeatureCache
+from .gate import SpacyParseGate
 from .phrases import NEGATIVE_PHRASES, SYNONYM_THRESHOLD, CaptionNounChunks, VocabularyNegatives, load_spacy
 from .predict import TasPredictor, expression_words
 from .proposals import InstanceProposals, SamProposals
@@ -36,14 +37,21 @@ def _expressions(refs) -> dict[int, list[dict]]:
 
 
 def decode_full(table: ImageTable, image_id: int) -> np.ndarray:
-    """The stored image at full size as uint8 HxWx3 (EXIF orientation not applied); errors name the image."""
+    """The stored image at full size as uint8 HxWx3 (EXIF orientation not applied); errors name the image.
+    Its header's size is bounded (masks.MAX_SIDE, as the build) before any pixel is allocated."""
     try:
         source = table.open(image_id)
-        return source.decode(source.size)
     except KeyError:
         raise ValueError(f"image {image_id} is not in the images config") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"image {image_id} cannot be decoded: {err}") from err
+    except DECODE_ERRORS as err:
+        raise ValueError(f"image {image_id} cannot be decoded: {err}") from None
+    width, height = source.size
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise ValueError(f"image {image_id} is {width}x{height} px by its header: sides are limited to {MAX_SIDE} px")
+    try:
+        return source.decode(source.size)
+    except DECODE_ERRORS as err:
+        raise ValueError(f"image {image_id} cannot be decoded: {err}") from None
 
 
 def run_zeroshot(refs, images, predictor: TasPredictor, out, cache_dir=None, progress: bool = True) -> dict:
@@ -75,16 +83,20 @@ def run_zeroshot(refs, images, predictor: TasPredictor, out, cache_dir=None, pro
     predictor.prepare([e["sent"] for e in sentences])
 
     cached = 0
-    bar = tqdm(total=n_expr, unit="expr", desc=f"zeroshot ({predictor.proposer.name})", disable=not progress)
+    bar = progress_lines.bar(n_expr, f"zeroshot ({predictor.proposer.name})", "expr", disable=not progress)
     with PredictionWriter(out) as writer, bar:  # an interrupted run leaves no file under the final name
         for image_id, expressions in by_image.items():
-            features = cache.get(image_id)
+            data, objects = table.bytes_of(image_id), table.objects_of(image_id)
+            if data is None:
+                raise ValueError(f"image {image_id} is not in the images config")
+            content = predictor.image_content(data, objects)
+            features = cache.get(image_id, content)
             if features is None:
                 start = time.perf_counter()
                 pixels = decode_full(table, image_id)
                 predictor.timings["decode"] += time.perf_counter() - start
-                features = predictor.image_features(pixels, table.objects_of(image_id), f"image {image_id}")
-                cache.put(image_id, features)
+                features = predictor.image_features(pixels, objects, f"image {image_id}")
+                cache.put(image_id, content, features)
             else:
                 cached += 1
             for expr in expressions:
@@ -130,9 +142,13 @@ def build_predictor(
     negative_phrases: int = NEGATIVE_PHRASES,
     synonym_threshold: float = SYNONYM_THRESHOLD,
     spacy_model: str = "en_core_web_trf",
+    rectifier: str = "tas",
+    crop_box: str = "tas",
 ) -> TasPredictor:
     """The predictor the command line describes: ``proposals`` is ``instances`` or ``sam:PATH_OR_ID``,
-    ``phrases`` ``vocabulary`` (offline default), ``spacy`` (needs spaCy, a model and a captioner) or ``none``."""
+    ``phrases`` ``vocabulary`` (offline default), ``spacy`` (needs spaCy, a model and a captioner) or ``none``.
+    With ``spacy`` the same pipeline gates the spatial rectifier as TAS does (`gate.SpacyParseGate`);
+    otherwise every sentence with a spatial word is rectified, and the provenance says so."""
     if proposals == "instances":
         proposer = InstanceProposals()
     elif proposals.startswith("sam:") and len(proposals) > 4:
@@ -142,15 +158,17 @@ def build_predictor(
     if phrases == "spacy" and captioner is None:
         raise ValueError("--phrases spacy takes noun chunks of the whole image's caption: pass --captioner too")
     caption_model = Captioner.from_pretrained(captioner) if captioner else None
+    gate = None
     if phrases == "vocabulary":
         negatives = VocabularyNegatives(encoder, negative_phrases, synonym_threshold)
     elif phrases == "spacy":
-        negatives = CaptionNounChunks(encoder, load_spacy(spacy_model), synonym_threshold)
+        nlp = load_spacy(spacy_model)
+        negatives, gate = CaptionNounChunks(encoder, nlp, synonym_threshold), SpacyParseGate(nlp)
     elif phrases == "none":
         negatives = None
     else:
         raise ValueError(f"--phrases {phrases!r}: expected vocabulary, spacy or none")
-    return TasPredictor(encoder, proposer, negatives, caption_model)
+    return TasPredictor(encoder, proposer, negatives, caption_model, rectifier=rectifier, gate=gate, crop_box=crop_box)
 
 
 def format_summary(summary: dict) -> str:
@@ -160,6 +178,8 @@ def format_summary(summary: dict) -> str:
         f"  proposals: {summary['proposals']}",
         f"  model: {summary['model']['model_id']}",
         f"  negative phrases: {summary['negative_phrases']}, captioner: {summary['captioner']}",
+        f"  spatial rectifier: {summary['spatial_rectifier']} ({summary['rectifier_gate']})",
+        f"  crop box: {summary['crop_box']}",
         f"  wrote {summary['predictions']} (provenance beside it: {summary['predictions']}.provenance.json)",
     ]
     if summary["oracle_proposals"]:
