@@ -247,6 +247,19 @@ def test_k_not_reached_is_explained_with_numbers():
     assert shortfall_note(np.array([5, 5]), top_k=5, pool_size=100, tau_cosine=0.8) is None
 
 
+def test_a_demo_too_small_to_have_negatives_builds_and_says_why(tmp_path, capsys):
+    """``--demo-images 8``: after every val/test image leaves the pool, no training image is left to be a
+    negative (and at 16 one or two): the build keeps none (or fewer than K) and says why, instead of
+    failing on a tau percentile there is no pair to estimate from."""
+    import json
+
+    out = tmp_path / "tiny"
+    assert main(["build", "--out", str(out), "--demo-images", "8", "--dataset", "refcoco"]) == 0
+    mining = json.loads((out / "nemo_hf.json").read_text())["configs"]["refcoco_unc"]["mining"]
+    assert mining["pool_size"] == 0 and mining["tau_cosine"] == 1.0
+    assert "--top-k 20 is larger than the pool, 0 training images" in capsys.readouterr().err
+
+
 def test_dataset_spellings_and_a_suggestion_for_a_typo(tmp_path, capsys):
     """Issue 22.4: the configs' own spellings are accepted (refcocoplus, any case, refcoco+_unc), a typo
     gets the closest name, before any file is read; --config of the inspection commands likewise."""

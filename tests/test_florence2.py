@@ -7,6 +7,7 @@ The processor is the real one (tokenizer, image-processor and parse rules of Flo
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -222,6 +223,13 @@ def test_a_processor_that_is_not_florence2s_is_refused():
         florence2.tiny_random_florence2(clipseg)
     with pytest.raises(TypeError, match="expected Florence-2's processor"):
         florence2.target_to_mask("<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6>", (48, 64), clipseg)
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 8, 1025, 7.5, "512", True, None])
+def test_a_target_budget_outside_the_decoders_positions_is_refused(processor, bad):
+    with pytest.raises(ValueError, match=f"max_target_tokens must be a whole number from 9 .* got {re.escape(repr(bad))}"):
+        florence2.Florence2Collator(processor, max_target_tokens=bad)
+    assert florence2.Florence2Collator(processor, max_target_tokens=np.int64(512)).max_target_tokens == 512
 
 
 # --- collator, MaskRIS ------------------------------------------------------------------------------------------

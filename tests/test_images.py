@@ -187,6 +187,17 @@ def test_an_undecodable_training_image_is_skipped_and_counted_without_a_flag(tmp
     assert "**Incomplete evaluation splits**" not in (out / "README.md").read_text()
 
 
+def test_every_training_image_undecodable_builds_without_a_preview(tmp_path):
+    """Nothing left to draw: the folder is built (evaluation splits complete), the card without a picture."""
+    root = photo_source(tmp_path / "src")
+    for image_id in (11, 15):  # every train image
+        path = image_file(root, image_id)
+        path.write_bytes(path.read_bytes()[:30000])
+    out = build_folder(root, tmp_path / "out", ["refcoco_unc"], mining=None)
+    assert "train" not in rows_per_split(out) or rows_per_split(out)["train"] == 0
+    assert not (out / "preview.png").exists() and "preview.png" not in (out / "README.md").read_text()
+
+
 # ---------------------------------------------------------------- orientation: one pixel order for every reader
 
 

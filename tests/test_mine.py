@@ -443,3 +443,17 @@ def test_build_index_once_for_many_sentence_sets():
         build_index(images, pool, MiningParams())
     with pytest.raises(ValueError, match="index holds 1900 vectors"):
         select_negatives(text, own, images, np.arange(2000), params, index=index)
+
+
+@pytest.mark.parametrize("mode", ["i2i", "t2i"])
+def test_a_pool_too_small_to_choose_from_keeps_nothing_instead_of_failing(mode):
+    """A tiny source: the pool is empty, or its one image is every sentence's own; or one image, which a
+    percentile tau has no pair to be estimated from (nothing to drop: tau 1.0) but another sentence may take."""
+    image = unit([1, 0], [0, 1], [1, 1])
+    text = unit([1, 0.2], [0.2, 1])
+    params = MiningParams(tau="p99", top_k=3, mode=mode)
+    for pool, own in (([], [0, 1]), ([0], [0, 0])):
+        selection = select_negatives(text, np.array(own), image, np.array(pool, dtype=np.int64), params)
+        assert selection.counts.tolist() == [0, 0] and selection.tau == 1.0
+    selection = select_negatives(text, np.array([0, 1]), image, np.array([0]), params)
+    assert selection.counts.tolist() == [0, 1] and selection.negatives(1)[0].tolist() == [0]

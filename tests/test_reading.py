@@ -355,10 +355,61 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 def test_an_image_header_declaring_huge_sides_is_refused_before_decoding():
     table = ImageTable({5: _jpeg_declaring(65000, 65000), 6: _png_declaring(65000, 65000)})
-    with pytest.raises(ValueError, match=r"^image 5 is 65000x65000 px by its header: sides are limited to 32768 px$"):
+    with pytest.raises(ValueError, match=r"^image 5 cannot be decoded: its header declares 65000x65000 px: sides are "
+                       r"limited to 32768 px$"):
         decode_full(table, 5)
     with pytest.raises(ValueError, match=r"^image 6 cannot be decoded: Image size \(4225000000 pixels\) exceeds limit"):
         decode_full(table, 6)
+
+
+def test_folder_images_read_a_row_group_at_a_time_and_render_as_the_dataset_does(tiny, tmp_path):
+    """preview / difficulty read images through `FolderImages`: the same mosaics as from the images Dataset
+    (pool included), with only the row groups drawn from held in memory."""
+    import numpy as np
+
+    from nemo_hf.folder.reading import FolderImages
+    from nemo_hf.transforms.mosaic import NeMoMosaic
+
+    folder = copy_of(tiny, tmp_path)
+    path = shard(folder, "images", "train")
+    pq.write_table(pq.read_table(path), path, row_group_size=1)  # one row group per image
+    images = FolderImages(folder)
+    dataset = read_split(folder, "images")
+    assert sorted(images) == sorted(dataset["image_id"]) and len(images) == len(dataset)
+    pool = images.pool("refcoco_unc")
+    assert pool == NeMoMosaic(dataset, config="refcoco_unc").images.pool()
+    refs = read_split(folder, "refcoco_unc", "train")[:4]
+    for mode in ("random", "single"):
+        a = NeMoMosaic(dataset, output_size=48, p={mode: 1.0}, config="refcoco_unc", return_arrays=True)(refs)
+        b = NeMoMosaic(images, output_size=48, p={mode: 1.0}, pool=pool, return_arrays=True)(refs)
+        assert a["tile_image_ids"] == b["tile_image_ids"]
+        assert all(np.array_equal(x, y) for x, y in zip(a["image"], b["image"]))
+    assert 0 < len(images._groups) <= FolderImages.CACHED_GROUPS
+    fresh = FolderImages(folder)
+    fresh[pool[0]]
+    assert len(fresh._groups) == 1  # one image read: one row group held
+
+
+def test_a_mosaic_never_decodes_an_image_whose_header_declares_huge_sides():
+    """A negative declaring 65000 px sides is replaced with a note, a target stops naming its ref: neither is
+    decoded (at 1/8 scale, 8125 px a side would still cost about 200 MB)."""
+    import numpy as np
+
+    from nemo_hf.masks import encode_rle
+    from nemo_hf.transforms.mosaic import NeMoMosaic
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, "JPEG")
+    images = {1: buffer.getvalue(), 2: _jpeg_declaring(65000, 65000), 3: buffer.getvalue()}
+    mask = np.zeros((48, 64), np.uint8)
+    mask[:8, :8] = 1
+    row = {"ref_id": 7, "image_id": 1, "split": "train", "sentences": [{"sent_id": 70, "sent": "the thing"}],
+           "negatives": [[2]], "mask": encode_rle(mask)}
+    mosaic = NeMoMosaic(images, output_size=32, p={"retrieval": 1.0}, pool=[3], return_arrays=True)
+    out = mosaic.render(row)
+    assert 2 not in out["tile_image_ids"] and any("negative 2 unreadable (ValueError)" in n for n in out["notes"])
+    with pytest.raises(ValueError, match=r"ref 8: target image 2 cannot be read: its header declares 65000x65000 px"):
+        mosaic.render({**row, "ref_id": 8, "image_id": 2})
 
 
 def test_show_names_an_image_too_large_to_draw(tiny, tmp_path):

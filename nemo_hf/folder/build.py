@@ -247,7 +247,11 @@ def _build_into(partial: Path, source, configs: list[str], mining: MiningOptions
     builder = NemoRefcoco(config_name=IMAGES_CONFIG, refs_configs=",".join(configs), **common)
     report.configs[IMAGES_CONFIG] = _name_by_content(partial, _prepare(builder, partial, IMAGES_CONFIG, max_shard_size))
     report.images = builder.image_notes
-    _write_preview(partial, report.default_config)
+    train = report.configs[report.default_config]["splits"].get("train", {})
+    if train.get("rows"):
+        _write_preview(partial, report.default_config)
+    else:  # every training ref skipped (or none): nothing to draw, and the card says so by its counts
+        logger.warning("no preview.png: %s has no training refs to draw", report.default_config)
     for scratch in (".cache", ".staging"):
         shutil.rmtree(partial / scratch, ignore_errors=True)
     report.write(partial)

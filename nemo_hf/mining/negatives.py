@@ -164,8 +164,10 @@ def select_negatives(
     sorted_pool = np.unique(pool)
     if len(sorted_pool) != len(pool):
         raise ValueError("pool_rows lists a row more than once")
-    if len(sorted_pool) == 0:
-        raise ValueError("pool_rows is empty: there is nothing to mine negatives from")
+    if len(sorted_pool) == 0 or (len(sorted_pool) == 1 and (own_rows == sorted_pool[0]).all()):
+        # no sentence has an image to choose (a tiny source): every sentence keeps none, which the build explains
+        empty = np.zeros(0, dtype=np.int64)
+        return Selection(np.zeros(len(text) + 1, np.int64), empty, empty.astype(np.float32), np.zeros(len(text), bool), 1.0)
     tau = resolve_tau(params, text, own_rows, image, sorted_pool)
     rule = _RuleSearch(text, own_rows, image, sorted_pool, tau, params)
     if threads is None:
@@ -217,8 +219,8 @@ def resolve_tau(
         anchor_emb, anchor_image = text_emb[sentences], np.asarray(text_image_row)[sentences]
     sims = anchor_emb.astype(np.float64) @ image_emb[candidates].astype(np.float64).T
     values = sims[anchor_image[:, None] != candidates[None, :]]
-    if values.size == 0:
-        raise ValueError(f"tau {params.tau!r}: the pool has no pair to estimate a percentile from")
+    if values.size == 0:  # one pool image and its own anchors: no pair to estimate from, and nothing to drop
+        return 1.0
     return float(np.float32(np.percentile(values, q)))
 
 

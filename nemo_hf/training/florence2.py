@@ -49,6 +49,10 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 class Florence2Collator:
     """Rows of `NeMoMosaic` / `EvalTransform` (image, mask, sentence, sent_id) -> Florence-2 inputs.
 
@@ -65,6 +69,11 @@ class Florence2Collator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.maskris = maskris
+        if not (_is_count(max_target_tokens) and 9 <= max_target_tokens <= MAX_TARGET_TOKENS):
+            raise ValueError(
+                f"max_target_tokens must be a whole number from 9 (one triangle with <s> and </s>) to "
+                f"{MAX_TARGET_TOKENS} (Florence-2's decoder positions), got {max_target_tokens!r}"
+            )
         self.max_target_tokens = int(max_target_tokens)
         prefix, _, suffix = processor.task_prompts_with_input[TASK].partition("{input}")
         self.prompt_parts = (prefix, suffix)

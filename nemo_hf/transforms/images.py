@@ -17,6 +17,7 @@ import simplejpeg
 from PIL import Image
 
 from .. import schema
+from ..masks import MAX_SIDE
 from ..pixels import to_8bit
 
 OBJECTS_COLUMN = "objects"
@@ -28,7 +29,8 @@ _JPEG_COLORSPACES = ("Gray", "YCbCr", "RGB")  # what libjpeg-turbo converts to R
 class EncodedImage:
     """An encoded image: its stored size read from the header, decoded on demand at a reduced scale.
 
-    EXIF orientation is never applied: annotations refer to the stored pixel order.
+    EXIF orientation is never applied: annotations refer to the stored pixel order. A header declaring a side
+    over ``MAX_SIDE`` (the build's limit) is refused before any pixel is allocated.
     """
 
     __slots__ = ("data", "size", "_pil")
@@ -47,6 +49,8 @@ class EncodedImage:
         else:
             self._pil = Image.open(io.BytesIO(data))
             self.size = self._pil.size
+        if not all(0 < side <= MAX_SIDE for side in self.size):
+            raise ValueError(f"its header declares {self.size[0]}x{self.size[1]} px: sides are limited to {MAX_SIDE} px")
 
     def decode(self, min_size: tuple[int, int], layout: str = "RGB") -> np.ndarray:
         """Pixels (uint8 HxWx3 for ``RGB``, HxWx4 for ``RGBX``) at the smallest JPEG DCT scale whose result is

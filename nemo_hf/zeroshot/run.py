@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import progress as progress_lines
 from ..evaluation.predictions import PredictionWriter, predictions_format
-from ..masks import MAX_SIDE, encode_rle
+from ..masks import encode_rle
 from ..mining.cache import atomic_write
 from ..mining.embed import Embedder, demo_embedder
 from ..transforms.images import DECODE_ERRORS, ImageTable
@@ -38,16 +38,13 @@ def _expressions(refs) -> dict[int, list[dict]]:
 
 def decode_full(table: ImageTable, image_id: int) -> np.ndarray:
     """The stored image at full size as uint8 HxWx3 (EXIF orientation not applied); errors name the image.
-    Its header's size is bounded (masks.MAX_SIDE, as the build) before any pixel is allocated."""
+    Its header's size is bounded (`EncodedImage`: masks.MAX_SIDE, as the build) before any pixel is allocated."""
     try:
         source = table.open(image_id)
     except KeyError:
         raise ValueError(f"image {image_id} is not in the images config") from None
     except DECODE_ERRORS as err:
         raise ValueError(f"image {image_id} cannot be decoded: {err}") from None
-    width, height = source.size
-    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
-        raise ValueError(f"image {image_id} is {width}x{height} px by its header: sides are limited to {MAX_SIDE} px")
     try:
         return source.decode(source.size)
     except DECODE_ERRORS as err:
