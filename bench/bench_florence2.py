@@ -21,10 +21,9 @@ Times are medians of interleaved rounds in CPU time of this process (user + sys)
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -32,28 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
+import bench_maskris  # noqa: E402
+from test_florence2 import mosaic_masks, real_masks  # noqa: E402  (the masks the tests check, measured here)
+
 SHARED = Path("/work/shared")
 PROCESSOR = SHARED / "models/florence-2-large-notweights"
-SENTENCES = ["man on the left in a red shirt", "the small dog", "second cup from the right", "tree behind the car",
-             "woman holding an umbrella near the bus stop", "top bowl"]  # fmt: skip
-
-
-def real_masks() -> dict[str, np.ndarray]:
-    """The real COCO object masks of realdata at their images' sizes (the set tests/test_florence2.py uses)."""
-    from pycocotools import mask as mask_utils
-
-    root = SHARED / "realdata"
-    masks = {f"mask_{n}.png": (np.asarray(Image.open(root / f"images/mask_{n}.png")) > 0).astype(np.uint8)
-             for n in ("44266", "80472")}  # fmt: skip
-    sample = json.loads((root / "annotations/rela_pr_instances_sample.json").read_text())
-    sizes = {im["id"]: (im["height"], im["width"]) for im in sample["images"]}
-    for ann in sample["annotations"]:
-        h, w = sizes[ann["image_id"]]
-        masks[f"ann {ann['id']}"] = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w)))
-    ref0 = json.loads((root / "annotations/transcribed_from_public_code.json").read_text())["refcoco_unc_ref_0"]
-    h, w = ref0["image"]["height"], ref0["image"]["width"]
-    masks["ref 0"] = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ref0["annotation"]["segmentation"], h, w)))
-    return masks
 
 
 def placed(mask: np.ndarray, cell, size: int) -> np.ndarray:
@@ -65,13 +48,6 @@ def placed(mask: np.ndarray, cell, size: int) -> np.ndarray:
     return canvas
 
 
-def mosaic_masks(size: int = 768) -> list[np.ndarray]:
-    from nemo_hf.transforms.geometry import grid_cells
-
-    cells = [(0, 0, size, size), *grid_cells(size, 2), *grid_cells(size, 3)]
-    return [placed(mask, cell, size) for mask in real_masks().values() for cell in cells]
-
-
 def rows(size: int, count: int = 8) -> list[dict]:
     """Rendered rows: real photos resized to ``size``, the real masks in mosaic cells, sentences."""
     from nemo_hf.transforms.geometry import grid_cells
@@ -81,21 +57,15 @@ def rows(size: int, count: int = 8) -> list[dict]:
     cells = grid_cells(size, 2)
     return [
         {"image": photos[i % len(photos)].resize((size, size), Image.Resampling.BICUBIC),
-         "mask": placed(masks[i % len(masks)], cells[i % 4], size), "sentence": SENTENCES[i % len(SENTENCES)], "sent_id": i}
+         "mask": placed(masks[i % len(masks)], cells[i % 4], size), "sentence": bench_maskris.SENTENCES[i % len(bench_maskris.SENTENCES)], "sent_id": i}
         for i in range(count)
     ]  # fmt: skip
 
 
 def timed_rounds(runs: dict, repeats: int) -> dict:
-    """{name: (median cpu s, median wall s)}: one warm-up round, then ``repeats`` interleaved rounds."""
-    times = {name: [] for name in runs}
-    for round_ in range(repeats + 1):
-        for name, run in runs.items():
-            cpu, wall = time.process_time(), time.perf_counter()
-            run()
-            if round_:
-                times[name].append((time.process_time() - cpu, time.perf_counter() - wall))
-    return {name: (statistics.median(c for c, _ in t), statistics.median(w for _, w in t)) for name, t in times.items()}
+    """{name: (median cpu s, median wall s)} of `bench_maskris.timed_rounds`' interleaved rounds."""
+    rounds = bench_maskris.timed_rounds(runs, repeats)
+    return {name: (statistics.median(c for c, _ in t), statistics.median(w for _, w in t)) for name, t in rounds.items()}
 
 
 def show(times: dict, per: int, baseline: str, unit: str = "ms / sample") -> None:
@@ -113,7 +83,7 @@ def summary(ious, lengths) -> str:
 def section_roundtrip(processor) -> None:
     from nemo_hf.training.florence2_targets import round_trip
 
-    real, mosaic = list(real_masks().values()), mosaic_masks()
+    real, mosaic = list(real_masks().values()), list(mosaic_masks().values())
     print(f"\n1. round trip, {len(real)} real COCO masks at their images' sizes, {len(mosaic)} as mosaics place them (768 px)")
     for name, masks in (("real", real), ("mosaic", mosaic)):
         results = [round_trip(m, processor) for m in masks]

@@ -20,14 +20,15 @@ class MaskFormatError(ValueError):
     """A segmentation or RLE that cannot be a mask of its image: the message names where it came from."""
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An integer (numpy's too), never a bool: a size or id is never truncated from a float."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_image_size(height, width, where: str) -> tuple[int, int]:
     """(height, width) as ints in 1..MAX_SIDE, else an error naming ``where`` (pycocotools hangs on 0)."""
     for name, value in (("width", width), ("height", height)):
-        if not _is_int(value) or not 1 <= value <= MAX_SIDE:
+        if not is_int(value) or not 1 <= value <= MAX_SIDE:
             raise MaskFormatError(f"{where}: {name} {value!r} is not an integer in 1..{MAX_SIDE}")
     return int(height), int(width)
 
@@ -66,10 +67,10 @@ def check_rle(rle, height: int, width: int, where: str) -> dict:
     """A COCO RLE (uncompressed counts list or compressed string) checked for pycocotools: ``size`` equal
     to the image's [h, w], counts that parse, are not negative and sum to h*w. Returns it compressed."""
     size, counts = (rle.get("size"), rle.get("counts")) if isinstance(rle, dict) else (None, None)
-    if not isinstance(size, (list, tuple)) or [v if _is_int(v) else None for v in size] != [height, width]:
+    if not isinstance(size, (list, tuple)) or [v if is_int(v) else None for v in size] != [height, width]:
         raise MaskFormatError(f"{where}: RLE size {size!r} is not the image's [h, w] = [{height}, {width}]")
     if isinstance(counts, (list, tuple)):
-        if not all(_is_int(c) and 0 <= c <= height * width for c in counts):
+        if not all(is_int(c) and 0 <= c <= height * width for c in counts):
             raise MaskFormatError(f"{where}: RLE counts must be integers in 0..h*w")
         runs = np.asarray(counts, dtype=np.int64)
         compressed = None

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REALDATA, SHARED, needs_shared
+from test_training import one_torch_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 from nemo_hf import florence2
 from nemo_hf.masks import decode_rle, encode_rle
 from nemo_hf.training.florence2_targets import (
@@ -39,14 +40,6 @@ def processor():
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(needs_shared(PROCESSOR))
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def real_masks() -> dict[str, np.ndarray]:

@@ -164,8 +164,7 @@ def select_negatives(
     sorted_pool = np.unique(pool)
     if len(sorted_pool) != len(pool):
         raise ValueError("pool_rows lists a row more than once")
-    if len(sorted_pool) == 0 or (len(sorted_pool) == 1 and (own_rows == sorted_pool[0]).all()):
-        # no sentence has an image to choose (a tiny source): every sentence keeps none, which the build explains
+    if len(sorted_pool) == 0:  # a tiny source: every sentence keeps none, which the build explains
         empty = np.zeros(0, dtype=np.int64)
         return Selection(np.zeros(len(text) + 1, np.int64), empty, empty.astype(np.float32), np.zeros(len(text), bool), 1.0)
     tau = resolve_tau(params, text, own_rows, image, sorted_pool)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..masks import MaskFormatError, check_image_size, segmentation_to_rle
+from ..masks import MaskFormatError, check_image_size, is_int, segmentation_to_rle
 from ..schema import RefsConfig
 
 COCO_IMAGE_SUBDIR = Path("images/mscoco/images/train2014")
@@ -200,7 +200,7 @@ def load_instances(path: str | Path) -> Instances:
         _text_field(im["file_name"], where, "file_name")
         with _as_refer_error():
             check_image_size(im.get("height"), im.get("width"), where)
-        if not _is_int(im.get("license", 0)) or not 0 <= im.get("license", 0) <= MAX_LICENSE:
+        if not is_int(im.get("license", 0)) or not 0 <= im.get("license", 0) <= MAX_LICENSE:
             raise ReferFormatError(f"{where}: license {im['license']!r} is not an integer in 0..2^31-1")
         images[image_id] = im
     for ann in data["annotations"]:
@@ -222,16 +222,12 @@ MAX_ID = 2**63 - 1  # ids are stored as int64
 MAX_LICENSE = 2**31 - 1  # the images config stores it as int32
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _int_field(entry: dict, key: str, where: str) -> int:
     """``entry[key]`` as an id: an int in 0..2^63-1; a float, a string, a missing or an out-of-range value is
     an error (never truncated, never a failure deep in the Parquet writer)."""
     if key not in entry:
         raise ReferFormatError(f"{where}: lacks {key}")
-    if not _is_int(entry[key]):
+    if not is_int(entry[key]):
         raise ReferFormatError(f"{where}: {key} {entry[key]!r} is not an integer")
     value = int(entry[key])
     if not 0 <= value <= MAX_ID:

@@ -66,15 +66,7 @@ class RISCollator:
         return f"RISCollator({parts}, max_length={self.max_length}, maskris={self.maskris!r})"
 
     def __call__(self, rows: list[dict]) -> dict:
-        if not rows:
-            raise ValueError("RISCollator got an empty batch")
-        missing = {"image", "mask", "sentence"} - set(rows[0])
-        if missing:
-            raise KeyError(
-                f"rows lack {sorted(missing)} (got {sorted(rows[0])}): the dataset needs a nemo_hf transform "
-                "(NeMoMosaic / EvalTransform) set with set_transform, and the Trainer must keep raw columns "
-                "(RISTrainer does)"
-            )
+        check_rows(rows, "RISCollator")
         texts, images = [row["sentence"] for row in rows], [row["image"] for row in rows]
         text_kwargs = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         if self.processor is not None:
@@ -92,6 +84,19 @@ class RISCollator:
             keys = [row.get("sent_id") for row in rows]
             batch = self.maskris(batch, self.tokenizer, None if None in keys else keys)
         return batch
+
+
+def check_rows(rows, collator: str) -> None:
+    """A collator's batch: not empty, its rows rendered by a nemo_hf transform (image, mask, sentence)."""
+    if not rows:
+        raise ValueError(f"{collator} got an empty batch")
+    missing = {"image", "mask", "sentence"} - set(rows[0])
+    if missing:
+        raise KeyError(
+            f"rows lack {sorted(missing)} (got {sorted(rows[0])}): the dataset needs a nemo_hf transform "
+            "(NeMoMosaic / EvalTransform) set with set_transform, and the Trainer must keep raw columns "
+            "(RISTrainer and Florence2Trainer do)"
+        )
 
 
 def check_max_length(max_length, tokenizer) -> int | None:

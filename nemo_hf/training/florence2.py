@@ -27,7 +27,9 @@ from PIL import Image
 from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from ..masks import is_int
 from ..transforms.maskris import mask_text_tokens, patch_pixels, random_patch_mask
+from .collator import check_rows
 from .florence2_targets import (
     MAX_TARGET_TOKENS,
     TASK,
@@ -49,10 +51,6 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 class Florence2Collator:
     """Rows of `NeMoMosaic` / `EvalTransform` (image, mask, sentence, sent_id) -> Florence-2 inputs.
 
@@ -69,7 +67,7 @@ class Florence2Collator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.maskris = maskris
-        if not (_is_count(max_target_tokens) and 9 <= max_target_tokens <= MAX_TARGET_TOKENS):
+        if not (is_int(max_target_tokens) and 9 <= max_target_tokens <= MAX_TARGET_TOKENS):
             raise ValueError(
                 f"max_target_tokens must be a whole number from 9 (one triangle with <s> and </s>) to "
                 f"{MAX_TARGET_TOKENS} (Florence-2's decoder positions), got {max_target_tokens!r}"
@@ -86,14 +84,7 @@ class Florence2Collator:
 
     def model_inputs(self, rows: Sequence[dict]) -> dict:
         """``input_ids``, ``attention_mask``, ``pixel_values`` of the rows (what ``generate`` takes)."""
-        if not rows:
-            raise ValueError("Florence2Collator got an empty batch")
-        missing = {"image", "mask", "sentence"} - set(rows[0])
-        if missing:
-            raise KeyError(
-                f"rows lack {sorted(missing)} (got {sorted(rows[0])}): the dataset needs a nemo_hf transform "
-                "(NeMoMosaic / EvalTransform) set with set_transform, and the Trainer must keep raw columns"
-            )
+        check_rows(rows, "Florence2Collator")
         texts = [TASK + str(row["sentence"]) for row in rows]
         images = [row["image"] for row in rows]
         return dict(self.processor(text=texts, images=images, padding="longest", return_tensors="pt"))

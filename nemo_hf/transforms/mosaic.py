@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .. import schema
-from ..masks import encode_rle
+from ..masks import encode_rle, is_int
 from .geometry import RESAMPLE_MODES, TILE_MODES, Placement, grid_cells, mask_box, prediction_to_original
 from .images import DECODE_ERRORS, OBJECTS_COLUMN, EncodedImage, ImageTable
 from .sampling import Warmup, check_seed, draw_cell, draw_grid, draw_mode, draw_negatives, draw_sentence, normalise_p
@@ -37,10 +37,6 @@ GRIDS = (2, 3, "mix")
 OBJECT_MASKS = ("array", "rle")
 # Mean ImageNet colour: letterbox padding becomes ~0 after the usual normalisation.
 DEFAULT_FILL = (124, 116, 104)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class _Renderer:
@@ -62,7 +58,7 @@ class _Renderer:
                 f"made, not here (got config={config!r}, pool={'given' if pool is not None else None})"
             )
         self.images = images if isinstance(images, ImageTable) else ImageTable(images, pool=pool, config=config)
-        if not _is_int(output_size):
+        if not is_int(output_size):
             raise ValueError(f"output_size must be an integer number of pixels, got {output_size!r}")
         self.output_size = int(output_size)
         grid_cells(self.output_size)  # validates the size
@@ -237,7 +233,7 @@ class NeMoMosaic(_Renderer):
         return_objects: bool = False,
         object_masks: str = "array",
     ):
-        if grid != "mix" and not (_is_int(grid) and grid in GRIDS):
+        if grid != "mix" and not (is_int(grid) and grid in GRIDS):
             raise ValueError(f"grid must be one of {GRIDS} (tiles per side), got {grid!r}")
         super().__init__(
             images, output_size, tile, return_arrays, fill, resample, pool=pool, config=config,

@@ -41,12 +41,9 @@ def decode_full(table: ImageTable, image_id: int) -> np.ndarray:
     Its header's size is bounded (`EncodedImage`: masks.MAX_SIDE, as the build) before any pixel is allocated."""
     try:
         source = table.open(image_id)
+        return source.decode(source.size)
     except KeyError:
         raise ValueError(f"image {image_id} is not in the images config") from None
-    except DECODE_ERRORS as err:
-        raise ValueError(f"image {image_id} cannot be decoded: {err}") from None
-    try:
-        return source.decode(source.size)
     except DECODE_ERRORS as err:
         raise ValueError(f"image {image_id} cannot be decoded: {err}") from None
 
